@@ -1,0 +1,79 @@
+"""explorer.py: widgets build without a frontend; the threshold slider updates metrics exactly."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from d3m_lib import explorer  # noqa: E402
+from d3m_lib.analysis import OVERALL  # noqa: E402
+from d3m_lib.privacy import Policy  # noqa: E402
+
+
+def _preds():
+    """Group A: y = 1,1,0,0 with prob .9,.4,.6,.1; group B: y = 1,0 with prob .7,.3."""
+    return pd.DataFrame({
+        "finding": "F", "method": "erm", "seed": 0, "split": "test", "row": np.arange(6),
+        "group": ["A", "A", "A", "A", "B", "B"], "y": [1, 1, 0, 0, 1, 0],
+        "logit": 0.0, "prob": [0.9, 0.4, 0.6, 0.1, 0.7, 0.3], "threshold": 0.5,
+        "pred": [1, 0, 1, 0, 1, 0]})
+
+
+def test_threshold_metrics_known_values():
+    p = _preds()
+    m = explorer.threshold_metrics(p["y"], p["prob"], p["group"], 0.5).set_index("group")
+    assert m.loc["A", "accuracy"] == 0.5 and m.loc["A", "fpr"] == 0.5 and m.loc["A", "fnr"] == 0.5
+    assert m.loc["B", "accuracy"] == 1.0 and m.loc[OVERALL, "accuracy"] == pytest.approx(4 / 6)
+    m = explorer.threshold_metrics(p["y"], p["prob"], p["group"], 0.35).set_index("group")
+    assert m.loc["A", "accuracy"] == 0.75 and m.loc["A", "fnr"] == 0.0 and m.loc["A", "fpr"] == 0.5
+    assert m.loc["A", "n"] == 4
+
+
+def test_curves_agree_with_metricframe_metrics():
+    rng = np.random.default_rng(1)
+    y, prob, g = rng.integers(0, 2, 200), rng.random(200), rng.choice(["a", "b"], 200)
+    c = explorer.threshold_curves(y, prob, g, [0.3, 0.62])
+    for t in (0.3, 0.62):
+        ref = explorer.threshold_metrics(y, prob, g, t).set_index("group")
+        got = c[c["threshold"] == t].set_index("group")
+        for col in ("accuracy", "fpr", "fnr"):
+            np.testing.assert_allclose(got.loc[ref.index, col], ref[col])
+
+
+class _FakeScorer:
+    train_rows = np.array([10, 11, 12, 13])
+
+    def scores(self, rows):
+        return np.array([[0.5], [-2.0], [1.5], [0.0]]) * (1 + np.arange(len(rows)))[None, :]
+
+
+def test_widgets_build_and_slider_updates_metrics():
+    ex = explorer.Explorer(_preds(), Policy(True), scorer_for=lambda f, s: _FakeScorer(), n_top=2)
+    assert ex.finding.value == "F" and ex.method.value == "erm" and ex.seed.value == 0
+    assert ex.threshold.value == 0.5
+    assert ex.metrics.set_index("group").loc["A", "accuracy"] == 0.5
+    ex.threshold.value = 0.35
+    m = ex.metrics.set_index("group")
+    assert m.loc["A", "accuracy"] == 0.75 and m.loc["A", "fnr"] == 0.0
+    assert "0.750" in ex.metrics_html.value
+    # misclassified targets of group A at 0.35: row 2 (y=0, p=.6) only
+    ex.group.value = "A"
+    assert [v for _, v in ex.target.options] == [2]
+    inf = ex.influential(2)
+    assert list(inf["positive"][0]) == [12, 10] and list(inf["negative"][0]) == [11, 13]
+
+
+def test_show_static_returns_figure_and_interactive_returns_widget():
+    import ipywidgets
+    import matplotlib.figure
+
+    fig = explorer.show(_preds(), Policy(True), "F", "erm", interactive=False)
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 3
+    w = explorer.show(_preds(), Policy(True), "F", "erm", interactive=True)
+    assert isinstance(w, ipywidgets.VBox)
+    with pytest.raises(KeyError, match="no predictions"):
+        explorer.show(_preds(), Policy(True), "G", "erm")
