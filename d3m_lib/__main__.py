@@ -1,0 +1,70 @@
+"""Command line: ``python -m d3m_lib run | book | demo-data``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import synthetic
+from .runner import RunnerError, build_book, parse_overrides, run
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m d3m_lib",
+                                description="Run the D3M chest X-ray study and build its book.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="execute notebooks/NN_*.ipynb with papermill",
+                       description="Execute the numbered notebooks in order into "
+                                   "<run_dir>/executed/, recording <run_dir>/run.json.")
+    r.add_argument("params", help="YAML file of parameters (params/*.yaml)")
+    r.add_argument("--run-dir", help="run folder (default: runs/<name of the YAML file>)")
+    r.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one parameter; the value is read as YAML, e.g. -p seeds=[0,1]")
+    r.add_argument("--from", dest="first", type=int, metavar="NN",
+                   help="first notebook number to run")
+    r.add_argument("--to", dest="last", type=int, metavar="NN", help="last notebook number to run")
+    r.add_argument("--notebooks", help="folder of NN_*.ipynb notebooks (default: notebooks/ "
+                                       "of the repository, or $D3M_NOTEBOOKS)")
+    r.add_argument("--book", action="store_true", help="build the book after a successful run")
+    r.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
+
+    b = sub.add_parser("book", help="build the Jupyter Book from a run's executed notebooks")
+    b.add_argument("run_dir", help="run folder holding executed/")
+    b.add_argument("--out", help="output folder (default: <run_dir>/book); HTML in <out>/_build/html")
+    b.add_argument("--notebooks", help="folder of the source notebooks (default as for run)")
+
+    d = sub.add_parser("demo-data", help="write a synthetic MIMIC-CXR-JPG + MIMIC-IV copy",
+                       description="Write a synthetic cohort in MIMIC's file layout, with planted "
+                                   "biases recorded beside it (d3m_lib.synthetic).")
+    synthetic.add_cli_arguments(d)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            run_path = run(args.params, run_dir=args.run_dir, overrides=parse_overrides(args.param),
+                           first=args.first, last=args.last, notebooks_dir=args.notebooks,
+                           progress=args.progress)
+            print(f"run finished: {run_path} (record in {run_path / 'run.json'})")
+            if args.book:
+                index = build_book(run_path, notebooks_dir=args.notebooks)
+                print(f"book: {index}")
+        elif args.command == "book":
+            index = build_book(args.run_dir, out=args.out, notebooks_dir=args.notebooks)
+            print(f"book: {index}")
+        elif args.command == "demo-data":
+            try:
+                synthetic.main(args)
+            except (ValueError, TypeError, OSError) as exc:
+                raise RunnerError(f"demo-data: {exc}") from exc
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
