@@ -1,0 +1,516 @@
+"""Training with the study's 5 + 10 epoch schedule, checkpoints and predictions.
+
+The schedule, as in the source study:
+
+1. **anchor**: train epochs 1..``epochs_anchor`` (5) from scratch on all
+   training rows; keep ``epoch_05.pt``. TRAK featurizes these checkpoints.
+2. **continue**: a *second* call trains epochs 6..15 starting from
+   ``epoch_05.pt`` with a fresh optimizer. Continued ERM makes this call on
+   all training rows; D3M and the controls make the same call on a subset.
+   ERM and D3M therefore differ only in the rows they are given.
+
+``train(cfg, ..., epochs=(5, 15), init_checkpoint=".../epoch_05.pt")`` is that
+second call; :func:`continue_training` spells it out. The learning-rate
+schedule is a function of the *fractional epoch over the full horizon*
+(``epochs_anchor + epochs_more``), so the second call continues the same curve
+whatever the number of rows it is given.
+
+On CPU training is deterministic (same seed -> identical checkpoints): the
+shuffling of epoch ``e`` depends only on ``(seed, e)``, initialisation on
+``seed``, and deterministic algorithms are switched on for the duration of
+the call. On CUDA it uses bf16 autocast and channels_last (fast, not bitwise
+reproducible).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .models import build_model
+
+SCHEDULES = ("triangle", "cosine", "constant")
+
+# Input normalisation: pixels scaled to [0, 1], then (x - NORM_MEAN) / NORM_STD.
+NORM_MEAN, NORM_STD = 0.5, 0.25
+
+
+def to_tensor(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 ``(B, px, px)`` -> normalised float ``(B, 1, px, px)``: the model input of training.
+
+    ``attribution`` uses this so that TRAK sees the images exactly as training did.
+    """
+    x = torch.as_tensor(np.asarray(images_u8), dtype=torch.float32).unsqueeze(1).div_(255.0)
+    return (x - NORM_MEAN) / NORM_STD
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (recorded in the stage manifest).
+
+    lr_schedule:
+      ``triangle`` -- linear warm-up from 0 to ``lr`` over ``warmup_epochs``,
+      then linear decay to 0 at epoch ``epochs_anchor + epochs_more`` (the
+      DAWNBench/TRAK ResNet-9 recipe); ``cosine`` -- same warm-up, cosine decay;
+      ``constant`` -- ``lr`` throughout.
+    augment: random horizontal shift by up to 2 px and brightness jitter
+      (off by default; chest X-rays are not left/right symmetric, so no flips).
+    """
+
+    arch: str = "resnet9"
+    width: int = 16
+    image_size: int = 32
+    batch_size: int = 128
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    lr_schedule: str = "triangle"
+    warmup_epochs: float = 1.0
+    epochs_anchor: int = 5
+    epochs_more: int = 10
+    device: str = "auto"
+    seed: int = 0
+    pretrained: str | None = None
+    num_workers: int = 0
+    augment: bool = False
+    eval_batch_size: int = 512
+
+    @property
+    def total_epochs(self) -> int:
+        return int(self.epochs_anchor) + int(self.epochs_more)
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides) -> "TrainConfig":
+        """Build from a notebook's parameters, ignoring keys that are not config fields."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in {**params, **overrides}.items() if k in names}
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu. ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"parameter `device` must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("parameter `device` is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def lr_at(cfg: TrainConfig, epoch_progress: float) -> float:
+    """Learning rate at fractional epoch ``epoch_progress`` in [0, total_epochs]."""
+    total, warm = cfg.total_epochs, min(cfg.warmup_epochs, cfg.total_epochs)
+    if cfg.lr_schedule not in SCHEDULES:
+        raise ValueError(f"parameter `lr_schedule` must be one of {SCHEDULES}, got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if warm > 0 and epoch_progress < warm:
+        return cfg.lr * epoch_progress / warm
+    frac = (epoch_progress - warm) / max(total - warm, 1e-12)
+    frac = min(max(frac, 0.0), 1.0)
+    if cfg.lr_schedule == "triangle":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+# ---------------------------------------------------------------- data
+class MemmapBatches(torch.utils.data.Dataset):
+    """Batches of images read from the uint8 cache (N, px, px) by cache row.
+
+    ``dataset[list_of_positions]`` returns ``(x, y)`` for those positions of
+    ``rows``: x float32 (B, 1, px, px) scaled to [0, 1] and normalised, y float32.
+    Reading a whole batch at once (rows sorted for the memmap) is what makes
+    the loader fast.
+    """
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, y: np.ndarray | None,
+                 cfg: TrainConfig, augment: bool = False):
+        if images.ndim != 3:
+            raise ValueError(f"image cache must be (N, px, px), got shape {images.shape}")
+        if images.shape[1] != cfg.image_size or images.shape[2] != cfg.image_size:
+            raise ValueError(f"image cache is {images.shape[1]} px but parameter `image_size` is "
+                             f"{cfg.image_size}")
+        self.images, self.cfg, self.augment = images, cfg, augment
+        self.rows = np.asarray(rows, dtype=np.int64)
+        if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= len(images)):
+            raise IndexError(f"rows must lie in 0..{len(images) - 1} (the image cache), got "
+                             f"{self.rows.min()}..{self.rows.max()}")
+        self.y = None if y is None else np.asarray(y, dtype=np.float32)
+        if self.y is not None and len(self.y) != len(self.rows):
+            raise ValueError(f"{len(self.rows)} rows but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, pos) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = np.atleast_1d(np.asarray(pos, dtype=np.int64))
+        r = self.rows[pos]
+        order = np.argsort(r, kind="stable")
+        x = np.empty((len(r), *self.images.shape[1:]), dtype=np.uint8)
+        x[order] = self.images[r[order]]
+        xt = torch.from_numpy(x).unsqueeze(1).float().div_(255.0)
+        if self.augment:
+            xt = _augment(xt, pos)
+        xt = (xt - NORM_MEAN) / NORM_STD
+        yt = torch.zeros(len(r)) if self.y is None else torch.from_numpy(self.y[pos])
+        return xt, yt
+
+
+def _augment(x: torch.Tensor, pos: np.ndarray) -> torch.Tensor:
+    """Shift by up to 2 px and scale brightness by 0.9..1.1; seeded by batch positions."""
+    g = torch.Generator().manual_seed(int(np.sum(pos * 2654435761 % (2 ** 31))) % (2 ** 31))
+    b, _, h, w = x.shape
+    padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    dx, dy = torch.randint(0, 5, (2, b), generator=g)
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    return (out * (0.9 + 0.2 * torch.rand(b, 1, 1, 1, generator=g))).clamp_(0, 1)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Shuffled positions 0..n-1 for epoch ``epoch``, split into near-equal batches.
+
+    Depends only on (n, batch_size, seed, epoch): an epoch's order is the same
+    whether or not earlier epochs ran in the same process. ``ceil(n / batch)``
+    batches of nearly equal size: every row is used once, and no batch is so
+    small that batch norm breaks.
+    """
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    perm = torch.randperm(n, generator=g).numpy()
+    return np.array_split(perm, max(1, math.ceil(n / batch_size)))
+
+
+def _loader(ds: MemmapBatches, batches: Sequence[np.ndarray], cfg: TrainConfig, device: torch.device):
+    return torch.utils.data.DataLoader(ds, sampler=list(batches), batch_size=None,
+                                       num_workers=cfg.num_workers,
+                                       pin_memory=device.type == "cuda")
+
+
+# ---------------------------------------------------------------- model / loss
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """Switch on torch's deterministic algorithms for a block, then restore the setting."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def masked_bce(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean binary cross-entropy over the labels that are not NaN (multi-label scan model)."""
+    logits = logits.float().reshape(y.shape)
+    mask = ~torch.isnan(y)
+    target = torch.nan_to_num(y, nan=0.0)
+    if label_smoothing:
+        target = target * (1 - label_smoothing) + 0.5 * label_smoothing
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def load_model(cfg: TrainConfig, checkpoint: str | Path, num_outputs: int = 1,
+               device: torch.device | str | None = None) -> nn.Module:
+    """The architecture of ``cfg`` with the weights of a ``epoch_XX.pt`` state_dict, in eval mode."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    dev = resolve_device(cfg.device) if device is None else torch.device(device)
+    return model.to(dev).eval()
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _check_labels(y: np.ndarray, num_outputs: int) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float32)
+    if num_outputs == 1:
+        y = y.reshape(-1)
+        if np.isnan(y).any():
+            raise ValueError(f"{int(np.isnan(y).sum())} labels are NaN: a binary task takes only the "
+                             "rows whose label is 0/1 (see task_rows)")
+    elif y.ndim != 2 or y.shape[1] != num_outputs:
+        raise ValueError(f"multi-label y must be (n, {num_outputs}), got shape {y.shape}")
+    bad = ~np.isnan(y) & (y != 0) & (y != 1)
+    if bad.any():
+        raise ValueError(f"labels must be 0, 1 (or NaN for multi-label), found {np.unique(y[bad])[:5]}")
+    return y
+
+
+# ---------------------------------------------------------------- train / predict
+def train(cfg: TrainConfig, images: np.ndarray, rows, y, epochs, out_dir: str | Path,
+          init_checkpoint: str | Path | None = None, val=None, num_outputs: int = 1,
+          progress: bool = True) -> pd.DataFrame:
+    """Train epochs ``start+1 .. end`` and save ``out_dir/epoch_{ee:02d}.pt`` after each.
+
+    epochs: ``(start, end)`` or ``range(start + 1, end + 1)`` (1-based epoch
+      numbers). ``(0, 5)`` is the anchor call from scratch (or from
+      ``cfg.pretrained``); ``(5, 15)`` with ``init_checkpoint=<dir>/epoch_05.pt``
+      is the continuation call. Every call starts a fresh SGD optimizer
+      (Nesterov momentum) whose learning rate follows :func:`lr_at` over the
+      full horizon; ``start > 0`` requires ``init_checkpoint``.
+    rows, y: cache rows of the training images and their labels (0/1; for
+      ``num_outputs > 1`` an (n, k) array with NaN where a label is missing).
+    val: ``(rows, y, groups)`` or None; evaluated after every epoch.
+
+    Returns the history of this call (epoch, lr at the epoch's end,
+    train_loss (mean over the epoch's batches), val_loss, val_acc (at
+    probability 0.5), val_auroc, val_worst_group_acc) and writes ``history.csv`` in
+    ``out_dir``, keeping rows of earlier epochs written there by a previous call.
+    """
+    from tqdm.auto import tqdm
+
+    start, end = _epoch_span(epochs, cfg)
+    if start > 0 and init_checkpoint is None:
+        raise ValueError(f"epochs start at {start + 1}: pass init_checkpoint (e.g. epoch_{start:02d}.pt)")
+    rows = np.asarray(rows, dtype=np.int64)
+    y = _check_labels(y, num_outputs)
+    if len(rows) != len(y):
+        raise ValueError(f"{len(rows)} rows but {len(y)} labels")
+    if len(rows) < 2:
+        raise ValueError(f"need at least 2 training rows, got {len(rows)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    cpu = device.type == "cpu"
+
+    with _deterministic(cpu):
+        torch.manual_seed(cfg.seed)
+        if init_checkpoint is None:
+            model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width,
+                                pretrained=cfg.pretrained)
+        else:
+            model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width)
+            if not Path(init_checkpoint).is_file():
+                raise FileNotFoundError(f"init_checkpoint not found: {init_checkpoint}")
+            model.load_state_dict(torch.load(init_checkpoint, map_location="cpu", weights_only=True))
+        model = model.to(device)
+        if not cpu:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, start), momentum=cfg.momentum,
+                              nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        ds = MemmapBatches(images, rows, y, cfg, augment=cfg.augment)
+        records = []
+        bar = tqdm(range(start + 1, end + 1), desc=f"train {out_dir.name}", disable=not progress,
+                   leave=False)
+        for epoch in bar:
+            model.train()
+            batches = epoch_batches(len(rows), cfg.batch_size, cfg.seed, epoch)
+            total, count = 0.0, 0
+            for b, (xb, yb) in enumerate(_loader(ds, batches, cfg, device)):
+                lr = lr_at(cfg, epoch - 1 + b / len(batches))
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                xb, yb = _to(xb, device), yb.to(device, non_blocking=True)
+                with _autocast(device):
+                    logits = model(xb)
+                loss = masked_bce(logits, yb, cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(yb)
+                count += len(yb)
+            rec = {"epoch": epoch, "lr": lr_at(cfg, epoch), "train_loss": total / count}
+            if val is not None:
+                rec.update(evaluate(model, cfg, images, *val, num_outputs=num_outputs))
+            records.append(rec)
+            _save_atomic(model.state_dict(), out_dir / f"epoch_{epoch:02d}.pt")
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}")
+    hist = pd.DataFrame(records)
+    _append_history(out_dir / "history.csv", hist, start)
+    return hist
+
+
+def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_checkpoint: str | Path,
+                      out_dir: str | Path, val=None, num_outputs: int = 1,
+                      progress: bool = True) -> pd.DataFrame:
+    """The second call of the schedule: epochs ``epochs_anchor+1 .. epochs_anchor+epochs_more``
+    from ``anchor_checkpoint`` (the baseline's ``epoch_05.pt``) on ``rows``.
+
+    Continued ERM passes all training rows, D3M and the controls a subset;
+    everything else (seed, schedule, fresh optimizer) is identical.
+    """
+    return train(cfg, images, rows, y, epochs=(cfg.epochs_anchor, cfg.total_epochs), out_dir=out_dir,
+                 init_checkpoint=anchor_checkpoint, val=val, num_outputs=num_outputs, progress=progress)
+
+
+def _epoch_span(epochs, cfg: TrainConfig) -> tuple[int, int]:
+    if isinstance(epochs, range):
+        if len(epochs) == 0 or epochs.step != 1:
+            raise ValueError(f"epochs must be a non-empty range with step 1, got {epochs}")
+        start, end = epochs.start - 1, epochs.stop - 1
+    else:
+        start, end = (int(e) for e in epochs)
+    if not 0 <= start < end <= cfg.total_epochs:
+        raise ValueError(f"epochs ({start}, {end}) must satisfy 0 <= start < end <= "
+                         f"epochs_anchor + epochs_more = {cfg.total_epochs}")
+    return start, end
+
+
+def _append_history(path: Path, hist: pd.DataFrame, start: int) -> None:
+    if path.exists():
+        old = pd.read_csv(path)
+        hist = pd.concat([old[old["epoch"] <= start], hist], ignore_index=True)
+    hist.to_csv(path, index=False)
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+@torch.no_grad()
+def predict(model_or_checkpoint, cfg: TrainConfig, images: np.ndarray, rows,
+            num_outputs: int = 1) -> np.ndarray:
+    """Logits (float32; shape (n,) for one output, (n, k) otherwise) for cache ``rows``, in order."""
+    if isinstance(model_or_checkpoint, (str, Path)):
+        model = load_model(cfg, model_or_checkpoint, num_outputs=num_outputs)
+    else:
+        model = model_or_checkpoint
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ds = MemmapBatches(images, np.asarray(rows, dtype=np.int64), None, cfg)
+    n = len(ds)
+    batches = np.array_split(np.arange(n), max(1, math.ceil(n / cfg.eval_batch_size))) if n else []
+    out = []
+    for xb, _ in _loader(ds, batches, cfg, device):
+        with _autocast(device):
+            out.append(model(_to(xb, device)).float().cpu())
+    model.train(was_training)
+    logits = torch.cat(out).numpy() if out else np.zeros((0, num_outputs), np.float32)
+    return logits.reshape(-1) if num_outputs == 1 else logits
+
+
+def evaluate(model: nn.Module, cfg: TrainConfig, images: np.ndarray, rows, y, groups=None,
+             num_outputs: int = 1) -> dict:
+    """Validation loss, accuracy at probability 0.5, AUROC (mean over outputs with both classes),
+    and worst-group accuracy when ``groups`` is given."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y, dtype=np.float32).reshape(len(rows), -1)
+    logits = predict(model, cfg, images, rows, num_outputs).reshape(len(rows), -1)
+    yt = torch.from_numpy(y)
+    loss = float(masked_bce(torch.from_numpy(logits), yt))
+    mask = ~np.isnan(y)
+    correct = (logits > 0) == (y == 1)
+    acc = float(correct[mask].mean()) if mask.any() else float("nan")
+    aucs = []
+    for k in range(y.shape[1]):
+        m = mask[:, k]
+        if m.any() and len(np.unique(y[m, k])) == 2:
+            aucs.append(roc_auc_score(y[m, k], logits[m, k]))
+    rec = {"val_loss": loss, "val_acc": acc, "val_auroc": float(np.mean(aucs)) if aucs else float("nan")}
+    if groups is not None:
+        groups = np.asarray(groups)
+        accs = [correct[groups == g][mask[groups == g]].mean() for g in np.unique(groups)
+                if mask[groups == g].any()]
+        rec["val_worst_group_acc"] = float(min(accs)) if accs else float("nan")
+    return rec
+
+
+# ---------------------------------------------------------------- cohort helpers
+def finding_dirname(finding: str) -> str:
+    """A finding's folder name: spaces -> '_'."""
+    return finding.replace(" ", "_")
+
+
+def task_rows(cohort: pd.DataFrame, finding: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, y, groups)`` of one split for one finding's binary task (NaN labels left out)."""
+    for col in ("row", "split", "group", finding):
+        if col not in cohort.columns:
+            raise KeyError(f"cohort table has no column '{col}'")
+    sub = cohort[(cohort["split"] == split) & cohort[finding].notna()]
+    return (sub["row"].to_numpy(np.int64), sub[finding].to_numpy(np.float32),
+            sub["group"].astype(str).to_numpy())
+
+
+def predictions_frame(rows, split: str, groups, y, logits) -> pd.DataFrame:
+    """The predictions table of ARCHITECTURE.md: row, split, group, y, logit, prob."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return pd.DataFrame({
+        "row": np.asarray(rows, dtype=np.int64), "split": split, "group": np.asarray(groups).astype(str),
+        "y": np.asarray(y).astype(np.int64), "logit": logits, "prob": 1.0 / (1.0 + np.exp(-logits)),
+    })
+
+
+def run_baseline(cfg: TrainConfig, images: np.ndarray, cohort: pd.DataFrame, finding: str,
+                 out_dir: str | Path, threshold_rule: str = "youden", progress: bool = True) -> dict:
+    """One finding, one seed (``cfg.seed``): the two calls of the schedule, predictions, threshold.
+
+    Writes into ``out_dir`` (``03_baseline/<finding>/seed<s>``): epoch_01..15.pt,
+    history.csv, preds_{validate,test}_epoch{05,15}.parquet, threshold.json.
+    Resumes at call boundaries: a finished anchor call (``epoch_05.pt`` and
+    its history) is not repeated, and a finished seed is only re-read. This is
+    exact because the continuation call always starts from ``epoch_05.pt`` with a
+    fresh optimizer. Returns ``{"resumed": [...], "threshold": ...}``.
+    """
+    from .metrics import choose_threshold
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    status_file = out / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    tr, va, te = (task_rows(cohort, finding, s) for s in ("train", "validate", "test"))
+    val = va
+    resumed = []
+    ea, et = cfg.epochs_anchor, cfg.total_epochs
+    if status.get("anchor") and (out / f"epoch_{ea:02d}.pt").exists():
+        resumed.append("anchor")
+    else:
+        status = {}
+        train(cfg, images, tr[0], tr[1], (0, ea), out, val=val, progress=progress)
+        status["anchor"] = True
+        status_file.write_text(json.dumps(status))
+    if status.get("more") and (out / f"epoch_{et:02d}.pt").exists():
+        resumed.append("more")
+    else:
+        if cfg.epochs_more > 0:
+            continue_training(cfg, images, tr[0], tr[1], out / f"epoch_{ea:02d}.pt", out, val=val,
+                              progress=progress)
+        status["more"] = True
+        status_file.write_text(json.dumps(status))
+    thresholds = {}
+    for epoch in sorted({ea, et}):
+        model = load_model(cfg, out / f"epoch_{epoch:02d}.pt")
+        for split, (rows, y, groups) in (("validate", va), ("test", te)):
+            path = out / f"preds_{split}_epoch{epoch:02d}.parquet"
+            if not (status.get("preds") and path.exists()):
+                predictions_frame(rows, split, groups, y, predict(model, cfg, images, rows)).to_parquet(path)
+        pv = pd.read_parquet(out / f"preds_validate_epoch{epoch:02d}.parquet")
+        thresholds[str(epoch)] = choose_threshold(pv["y"].to_numpy(), pv["prob"].to_numpy(), threshold_rule)
+    status["preds"] = True
+    status_file.write_text(json.dumps(status))
+    info = {"rule": threshold_rule, "split": "validate", "epoch": et, "threshold": thresholds[str(et)],
+            "by_epoch": thresholds}
+    (out / "threshold.json").write_text(json.dumps(info, indent=2))
+    return {"resumed": resumed, "threshold": thresholds[str(et)], "thresholds": thresholds}

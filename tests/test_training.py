@@ -1,0 +1,154 @@
+"""training: CPU determinism, the two-call 5 + 10 schedule, loss goes down, predictions, resume."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from d3m_lib.training import (TrainConfig, continue_training, epoch_batches, lr_at, masked_bce,
+                              predict, run_baseline, task_rows, to_tensor, train)
+
+PX = 16
+
+
+def fake_cohort(tmp_path, n=160, seed=0):
+    """A tiny cohort table + uint8 memmap whose positives carry a bright square (learnable)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n).astype(float)
+    img = rng.integers(0, 90, (n, PX, PX)).astype(np.uint8)
+    img[y == 1, 4:10, 4:10] = 230
+    mm = np.memmap(tmp_path / "images.u8", dtype=np.uint8, mode="w+", shape=img.shape)
+    mm[:] = img
+    mm.flush()
+    images = np.memmap(tmp_path / "images.u8", dtype=np.uint8, mode="r", shape=img.shape)
+    split = np.array(["train"] * (n // 2) + ["validate"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
+    y2 = y.copy()
+    y2[::7] = np.nan
+    cohort = pd.DataFrame({"row": np.arange(n), "split": split,
+                           "group": rng.choice(["A", "B"], n), "Cardiomegaly": y, "Edema": y2})
+    return cohort, images
+
+
+def cfg(**kw):
+    base = dict(width=4, image_size=PX, batch_size=16, lr=0.05, epochs_anchor=2, epochs_more=2,
+                device="cpu", seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_identical_checkpoints_other_seed_differs(tmp_path):
+    cohort, images = fake_cohort(tmp_path)
+    rows, y, _ = task_rows(cohort, "Cardiomegaly", "train")
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(cfg(seed=seed), images, rows, y, (0, 2), tmp_path / name, progress=False)
+    a, b, c = (_weights(tmp_path / n / "epoch_02.pt") for n in "abc")
+    assert _same(a, b)
+    assert not _same(a, c)
+
+
+def test_two_call_schedule_is_reproducible_and_matches_documented_procedure(tmp_path):
+    cohort, images = fake_cohort(tmp_path)
+    rows, y, _ = task_rows(cohort, "Cardiomegaly", "train")
+    c = cfg()
+    # run 1: anchor then continuation in the same folder
+    train(c, images, rows, y, (0, 2), tmp_path / "r1", progress=False)
+    continue_training(c, images, rows, y, tmp_path / "r1" / "epoch_02.pt", tmp_path / "r1", progress=False)
+    # run 2: anchor in one folder, continuation elsewhere, with the 1-based range form
+    train(c, images, rows, y, range(1, 3), tmp_path / "r2a", progress=False)
+    train(c, images, rows, y, range(3, 5), tmp_path / "r2b", init_checkpoint=tmp_path / "r2a" / "epoch_02.pt",
+          progress=False)
+    assert _same(_weights(tmp_path / "r1" / "epoch_04.pt"), _weights(tmp_path / "r2b" / "epoch_04.pt"))
+    hist = pd.read_csv(tmp_path / "r1" / "history.csv")
+    assert hist["epoch"].tolist() == [1, 2, 3, 4]
+    # a continuation on a subset (D3M) starts from the same anchor and differs only in data
+    continue_training(c, images, rows[:30], y[:30], tmp_path / "r1" / "epoch_02.pt", tmp_path / "sub",
+                      progress=False)
+    assert not _same(_weights(tmp_path / "r1" / "epoch_04.pt"), _weights(tmp_path / "sub" / "epoch_04.pt"))
+    with pytest.raises(ValueError, match="init_checkpoint"):
+        train(c, images, rows, y, (2, 4), tmp_path / "x", progress=False)
+
+
+def test_lr_schedule_spans_full_horizon():
+    c = cfg(lr=1.0, warmup_epochs=1, epochs_anchor=5, epochs_more=10)
+    assert lr_at(c, 0) == 0 and lr_at(c, 1) == 1.0 and lr_at(c, 15) == 0
+    assert lr_at(c, 8) == pytest.approx(1 - 7 / 14)
+    assert lr_at(cfg(lr_schedule="constant", lr=0.3), 3.5) == 0.3
+
+
+def test_epoch_batches_depend_only_on_seed_and_epoch():
+    a = epoch_batches(50, 16, seed=0, epoch=3)
+    assert [len(b) for b in a] == [13, 13, 12, 12]  # ceil(50/16)=4 near-equal batches
+    assert np.array_equal(np.sort(np.concatenate(a)), np.arange(50))
+    assert all(np.array_equal(x, z) for x, z in zip(a, epoch_batches(50, 16, seed=0, epoch=3)))
+    assert not np.array_equal(a[0], epoch_batches(50, 16, seed=0, epoch=4)[0])
+
+
+def test_tiny_training_lowers_loss_and_separates_classes(tmp_path):
+    cohort, images = fake_cohort(tmp_path, n=240)
+    tr, va = task_rows(cohort, "Cardiomegaly", "train"), task_rows(cohort, "Cardiomegaly", "validate")
+    hist = train(cfg(epochs_anchor=4, epochs_more=0, lr=0.1), images, tr[0], tr[1], (0, 4), tmp_path / "m",
+                 val=va, progress=False)
+    assert hist["train_loss"].iloc[-1] < 0.5 * hist["train_loss"].iloc[0]
+    assert hist["val_auroc"].iloc[-1] > 0.9
+    logits = predict(tmp_path / "m" / "epoch_04.pt", cfg(), images, va[0])
+    assert logits.shape == (len(va[0]),)
+    assert logits[va[1] == 1].mean() > logits[va[1] == 0].mean()
+
+
+def test_multilabel_masked_loss_and_training(tmp_path):
+    y = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    logits = torch.zeros(2, 2)
+    assert masked_bce(logits, y).item() == pytest.approx(np.log(2))
+    cohort, images = fake_cohort(tmp_path)
+    tr = cohort[cohort.split == "train"]
+    hist = train(cfg(epochs_anchor=1, epochs_more=0), images, tr["row"], tr[["Cardiomegaly", "Edema"]].to_numpy(),
+                 (0, 1), tmp_path / "ml", num_outputs=2, progress=False)
+    assert np.isfinite(hist["train_loss"]).all()
+    out = predict(tmp_path / "ml" / "epoch_01.pt", cfg(), images, np.arange(5), num_outputs=2)
+    assert out.shape == (5, 2)
+
+
+def test_bad_labels_and_sizes(tmp_path):
+    cohort, images = fake_cohort(tmp_path)
+    rows = cohort.row.to_numpy()[:10]
+    with pytest.raises(ValueError, match="NaN"):
+        train(cfg(), images, rows, cohort["Edema"].to_numpy()[:10], (0, 1), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="image_size"):
+        train(cfg(image_size=32), images, rows, np.zeros(10), (0, 1), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        train(cfg(), images, rows, np.zeros(10), (0, 9), tmp_path / "x", progress=False)
+
+
+def test_to_tensor_matches_training_input(tmp_path):
+    _, images = fake_cohort(tmp_path)
+    from d3m_lib.training import MemmapBatches
+    x, _ = MemmapBatches(images, np.array([3, 1, 2]), None, cfg())[[0, 1, 2]]
+    assert torch.equal(x, to_tensor(images[[3, 1, 2]]))
+
+
+def test_run_baseline_writes_artifacts_and_resumes(tmp_path):
+    cohort, images = fake_cohort(tmp_path)
+    out = tmp_path / "Cardiomegaly" / "seed0"
+    r1 = run_baseline(cfg(), images, cohort, "Cardiomegaly", out, progress=False)
+    assert r1["resumed"] == []
+    for e in range(1, 5):
+        assert (out / f"epoch_{e:02d}.pt").exists()
+    p = pd.read_parquet(out / "preds_test_epoch04.parquet")
+    assert list(p.columns) == ["row", "split", "group", "y", "logit", "prob"]
+    assert set(p["split"]) == {"test"} and len(p) == (cohort.split == "test").sum()
+    assert (out / "preds_validate_epoch02.parquet").exists()
+    info = json.loads((out / "threshold.json").read_text())
+    assert info["rule"] == "youden" and 0 < info["threshold"] < 1
+    mtime = (out / "epoch_04.pt").stat().st_mtime_ns
+    r2 = run_baseline(cfg(), images, cohort, "Cardiomegaly", out, progress=False)
+    assert r2["resumed"] == ["anchor", "more"] and r2["threshold"] == r1["threshold"]
+    assert (out / "epoch_04.pt").stat().st_mtime_ns == mtime
