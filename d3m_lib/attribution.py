@@ -1,0 +1,422 @@
+"""TRAK attribution scores via ``traker``: featurize over checkpoints, group-mean scores.
+
+TRAK (Park et al., 2023) scores how much training image ``i`` moves the margin of
+target image ``z``. ``traker`` computes, for checkpoints ``c = 1..C`` with projected
+training gradients ``X_c`` (``n_train x p``) and projected target gradients ``g_c(z)``::
+
+    T[i, z] = (1/C) sum_c [X_c (X_c^T X_c + lambda I)^-1]_i . g_c(z)   *   (1/C) sum_c Q_c[i]
+
+(``trak.TRAKer.finalize_scores``; ``Q_c[i]`` is the out-to-loss gradient of training
+image ``i`` under checkpoint ``c``). Every target is scored with *its own checkpoint's*
+gradient ``g_c(z)``; the score is linear in ``g_c(z)``, so the mean of ``T[i, z]`` over
+the validation images of a group equals the score of one target whose gradient under
+each checkpoint is the group mean of ``g_c(z)``. :meth:`TrakScorer.group_scores` uses this
+to get ``tau(g)_i`` without an ``n_train x n_val`` matrix.
+
+The parts follow traker's design: the model output (:class:`BinaryLogitOutput`), the
+projector (:func:`make_projector`), traker's memory-mapped saver (so an interrupted run
+resumes: traker records which models and which training images are featurized) and
+traker's score computer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+import trak.traker
+from tqdm.auto import tqdm
+from trak import TRAKer
+from trak.modelout_functions import AbstractModelOutput
+from trak.projectors import BasicProjector, ProjectionType
+
+CONFIG = "scorer.json"
+_PROJ_MATRIX_BUDGET_BYTES = 1 << 30  # BasicProjector keeps <= 1 GiB of projection matrix
+_fast_jl_warned = False
+# traker's own bars (one step per checkpoint, instant) only clutter notebook output
+trak.traker.tqdm = lambda it, *a, **k: it
+
+
+class BinaryLogitOutput(AbstractModelOutput):
+    """TRAK model output for a single-logit binary classifier trained with BCE.
+
+    Margin ``f(z) = (2y - 1) * logit``; the BCE loss is ``log(1 + exp(-f))``, so the
+    out-to-loss weight traker multiplies in is ``-dloss/df = sigmoid(-f)`` (= 1 - p of the
+    true class; the analogue of traker's ``1 - p`` for softmax classifiers).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @staticmethod
+    def get_output(model, weights, buffers, image, label):
+        logit = torch.func.functional_call(model, (weights, buffers), image.unsqueeze(0))
+        return ((2.0 * label - 1.0) * logit.reshape(())).sum()
+
+    def get_out_to_loss_grad(self, model, weights, buffers, batch):
+        images, labels = batch
+        logits = torch.func.functional_call(model, (weights, buffers), images).reshape(-1)
+        margins = (2.0 * labels.reshape(-1) - 1.0) * logits
+        return torch.sigmoid(-margins).clone().detach().unsqueeze(-1)
+
+
+class _BasicProjector(BasicProjector):
+    """traker's BasicProjector, re-creating its matrix after ``free_memory``.
+
+    traker 0.3.2 frees the matrix in ``finalize_features``; with a single block and an
+    unchanged model id ``project`` would then use the deleted matrix.
+    """
+
+    def project(self, grads, model_id):
+        if not self.proj_matrix_available and self.num_blocks == 1 and model_id == self.model_id:
+            self.generate_sketch_matrix(self.generator_states[0])
+        return super().project(grads, model_id)
+
+
+def _count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_projector(model: torch.nn.Module, proj_dim: int, seed: int, device: str):
+    """The JL projector: traker's CUDA projector when ``fast_jl`` works, else BasicProjector.
+
+    Returns ``None`` on CUDA with ``fast_jl`` importable (traker then builds its own
+    ``CudaProjector``/``ChunkedCudaProjector``). Otherwise a ``BasicProjector`` (Gaussian
+    on CPU, Rademacher on GPU) whose matrix blocks are as large as 1 GiB allows, so a
+    small model keeps one block in memory instead of regenerating it every batch.
+    """
+    global _fast_jl_warned
+    grad_dim = _count_params(model)
+    on_cuda = str(device).startswith("cuda")
+    if on_cuda:
+        try:
+            import fast_jl  # noqa: F401
+            return None
+        except ImportError:
+            if not _fast_jl_warned:
+                print("fast_jl is not installed: TRAK uses traker's BasicProjector on the GPU "
+                      "(slower; `pip install traker[fast]` to get the CUDA projector)")
+                _fast_jl_warned = True
+    block = max(1, min(proj_dim, _PROJ_MATRIX_BUDGET_BYTES // (4 * grad_dim)))
+    return _BasicProjector(grad_dim=grad_dim, proj_dim=proj_dim, seed=seed,
+                          proj_type=ProjectionType.rademacher if on_cuda else ProjectionType.normal,
+                          device=device, block_size=block, dtype=torch.float32)
+
+
+def default_transform(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 ``(B, px, px)`` -> float ``(B, 1, px, px)`` in [0, 1] (for models trained so)."""
+    return torch.as_tensor(np.asarray(images_u8), dtype=torch.float32).unsqueeze(1) / 255.0
+
+
+class TrakScorer:
+    """TRAK over several checkpoints of one model, for one training set.
+
+    Args:
+        model_fn: builds the (untrained) model; checkpoints are its state_dicts.
+        save_dir: traker's save_dir (features, target gradients, scores, metadata).
+        images: indexable by cache row -> uint8 ``(px, px)`` images (the image cache).
+        train_rows: cache rows of the training images, in training-index order.
+        labels: 0/1 label per cache row (a Series indexed by row) for train and targets.
+        checkpoints: model_id -> checkpoint path (or state_dict); model ids are ints.
+        proj_dim: JL dimension; must be below the number of training images.
+        lambda_reg: ridge term added to ``X^T X`` (traker's ``lambda_reg``).
+        transform: uint8 batch -> model input tensor (must match training;
+            notebooks use ``training.to_tensor``).
+    """
+
+    def __init__(self, model_fn: Callable[[], torch.nn.Module], save_dir: str | Path,
+                 images, train_rows: Sequence[int], labels: pd.Series,
+                 checkpoints: Mapping[int, Any], *, proj_dim: int = 256,
+                 lambda_reg: float = 0.0, device: str = "cpu", projector_seed: int = 0,
+                 batch_size: int = 64, transform: Callable | None = None,
+                 logging_level: int = logging.WARNING):
+        self.model_fn = model_fn
+        self.save_dir = Path(save_dir)
+        self.images = images
+        self.train_rows = np.asarray(train_rows, dtype=np.int64)
+        self.labels = labels
+        self.checkpoints = {int(k): v for k, v in checkpoints.items()}
+        if not self.checkpoints:
+            raise ValueError("TrakScorer needs at least one checkpoint (trak_checkpoints is empty)")
+        self.proj_dim = int(proj_dim)
+        if not 0 < self.proj_dim < len(self.train_rows):
+            raise ValueError(f"trak_proj_dim={proj_dim} must be positive and below the number "
+                             f"of training images ({len(self.train_rows)})")
+        self.lambda_reg = float(lambda_reg)
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.transform = transform or default_transform
+        self.model = model_fn().to(device).eval()
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        self.traker = TRAKer(
+            model=self.model, task=BinaryLogitOutput(), train_set_size=len(self.train_rows),
+            save_dir=str(self.save_dir), load_from_save_dir=True, device=device,
+            projector=make_projector(self.model, self.proj_dim, projector_seed, device),
+            proj_dim=self.proj_dim, use_half_precision=False, projector_seed=projector_seed,
+            lambda_reg=self.lambda_reg, logging_level=logging_level)
+
+    # -- helpers -----------------------------------------------------------
+    def _state(self, model_id: int) -> dict:
+        ck = self.checkpoints[model_id]
+        if isinstance(ck, Mapping):
+            return dict(ck)
+        return torch.load(ck, map_location=self.device, weights_only=True)
+
+    def _label(self, rows: np.ndarray) -> np.ndarray:
+        missing = np.setdiff1d(rows, self.labels.index.to_numpy())
+        if len(missing):
+            raise KeyError(f"no label for cache rows {missing[:5].tolist()} (of {len(missing)})")
+        y = np.array(self.labels.loc[rows], dtype=np.float64)
+        if np.isnan(y).any() or not np.isin(y, (0.0, 1.0)).all():
+            raise ValueError("TRAK targets need labels 0/1; got NaN or other values")
+        return y
+
+    def _batches(self, rows: np.ndarray):
+        y = self._label(rows)
+        for s in range(0, len(rows), self.batch_size):
+            sl = slice(s, min(s + self.batch_size, len(rows)))
+            x = self.transform(np.stack([self.images[int(r)] for r in rows[sl]])).to(self.device)
+            yield np.arange(sl.start, sl.stop), [x, torch.as_tensor(y[sl], dtype=torch.float32,
+                                                                    device=self.device)]
+
+    def _fresh_experiment(self, exp_name: str) -> None:
+        """Remove an earlier experiment of this name (target sets may differ in size)."""
+        for mid in self.checkpoints:
+            f = self.save_dir / str(mid) / f"{exp_name}_grads.mmap"
+            f.unlink(missing_ok=True)
+        (self.save_dir / "scores" / f"{exp_name}.mmap").unlink(missing_ok=True)
+
+    # -- featurizing -------------------------------------------------------
+    def featurize(self) -> None:
+        """Project training gradients under every checkpoint; resumes where it stopped."""
+        ids = self.traker.saver.model_ids
+        for mid in sorted(self.checkpoints):
+            if ids.get(mid, {}).get("is_featurized") == 1:
+                continue
+            self.traker.load_checkpoint(self._state(mid), model_id=mid)
+            n_batches = -(-len(self.train_rows) // self.batch_size)
+            for inds, batch in tqdm(self._batches(self.train_rows), total=n_batches, leave=False,
+                                    desc=f"TRAK featurize checkpoint {mid}"):
+                self.traker.featurize(batch=batch, inds=inds)
+        todo = [m for m in sorted(self.checkpoints) if ids[m].get("is_finalized") != 1]
+        if todo:
+            self.traker.finalize_features(model_ids=todo)
+
+    def out_to_loss(self, model_id: int) -> np.ndarray:
+        """Out-to-loss weights Q of the training images under one checkpoint."""
+        self.traker.saver.load_current_store(model_id)
+        return np.array(self.traker.saver.current_store["out_to_loss"]).reshape(-1)
+
+    # -- scoring -----------------------------------------------------------
+    def _target_grads(self, exp_name: str, target_rows: np.ndarray) -> None:
+        """Store each checkpoint's own projected target gradients for experiment exp_name."""
+        self.featurize()
+        self._fresh_experiment(exp_name)
+        for mid in sorted(self.checkpoints):
+            self.traker.start_scoring_checkpoint(exp_name, self._state(mid), model_id=mid,
+                                                 num_targets=len(target_rows))
+            for inds, batch in self._batches(target_rows):
+                self.traker.score(batch=batch, inds=inds)
+            self.traker.saver.current_store[f"{exp_name}_grads"].flush()
+
+    def _finalize(self, exp_name: str) -> np.ndarray:
+        s = self.traker.finalize_scores(exp_name=exp_name, model_ids=sorted(self.checkpoints))
+        return np.array(s, dtype=np.float64)
+
+    def scores(self, target_rows: Sequence[int], exp_name: str = "targets") -> np.ndarray:
+        """TRAK scores ``n_train x n_targets`` of the given target cache rows."""
+        rows = np.asarray(target_rows, dtype=np.int64)
+        self._target_grads(exp_name, rows)
+        return self._finalize(exp_name)
+
+    def group_scores(self, target_rows: Sequence[int], groups: Sequence[str],
+                     exp_name: str = "validate") -> pd.DataFrame:
+        """``tau(g)_i``: mean TRAK score over the targets of each group (train row x group).
+
+        Scores one target per group whose gradient under checkpoint ``c`` is the group
+        mean of the targets' gradients under ``c`` (exact: scores are linear in it). The
+        per-image target gradients stay under ``exp_name`` for :meth:`experiment_scores`.
+        """
+        rows = np.asarray(target_rows, dtype=np.int64)
+        groups = np.asarray(groups, dtype=object)
+        if len(groups) != len(rows):
+            raise ValueError(f"{len(rows)} target rows but {len(groups)} group labels")
+        names = sorted(pd.unique(groups).tolist())
+        self._target_grads(exp_name, rows)
+        gexp = f"{exp_name}_groupmean"
+        self._fresh_experiment(gexp)
+        saver = self.traker.saver
+        for mid in sorted(self.checkpoints):
+            saver.load_current_store(mid, exp_name, len(rows))
+            g = np.array(saver.current_store[f"{exp_name}_grads"], dtype=np.float64)
+            means = np.stack([g[groups == n].mean(axis=0) for n in names])
+            self.traker.start_scoring_checkpoint(gexp, self._state(mid), model_id=mid,
+                                                 num_targets=len(names))
+            saver.current_store[f"{gexp}_grads"][:] = means.astype(np.float32)
+            saver.current_store[f"{gexp}_grads"].flush()
+        tau = self._finalize(gexp)
+        return pd.DataFrame(tau, index=pd.Index(self.train_rows, name="row"), columns=names)
+
+    def experiment_scores(self, exp_name: str, num_targets: int) -> np.ndarray:
+        """Scores ``n_train x num_targets`` from target gradients stored by an earlier call."""
+        for mid in sorted(self.checkpoints):
+            if not (self.save_dir / str(mid) / f"{exp_name}_grads.mmap").exists():
+                raise FileNotFoundError(f"no target gradients '{exp_name}' for checkpoint {mid} "
+                                        f"in {self.save_dir}; score the targets first")
+        stored = self.traker.saver.experiments.get(exp_name, {}).get("num_targets")
+        if stored != num_targets:
+            raise ValueError(f"experiment '{exp_name}' in {self.save_dir} has {stored} targets, "
+                             f"not {num_targets}")
+        return self._finalize(exp_name)
+
+    # -- saving ------------------------------------------------------------
+    def save_config(self, **extra) -> None:
+        """Write what :func:`load_scorer` needs (``scorer.json``, ``train_rows.npy``).
+
+        Refuses to overwrite features of a different training set in the same folder.
+        """
+        cfg = dict(proj_dim=self.proj_dim, lambda_reg=self.lambda_reg,
+                   batch_size=self.batch_size,
+                   projector_seed=int(self.traker.proj_seed),
+                   checkpoints={str(k): str(v) for k, v in self.checkpoints.items()}, **extra)
+        if (self.save_dir / "train_rows.npy").exists():
+            old = np.load(self.save_dir / "train_rows.npy")
+            if not np.array_equal(old, self.train_rows):
+                raise RuntimeError(f"{self.save_dir} holds TRAK features of other training rows; "
+                                   "delete it or re-run the stage")
+        np.save(self.save_dir / "train_rows.npy", self.train_rows)
+        (self.save_dir / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+
+
+def self_influence_rank(scorer: TrakScorer, rows: Sequence[int]) -> pd.DataFrame:
+    """For training images used as their own targets: rank of their self-score (1 = top).
+
+    A working attribution ranks a training image near the top of its own score list.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    pos = pd.Series(np.arange(len(scorer.train_rows)), index=scorer.train_rows)
+    missing = np.setdiff1d(rows, scorer.train_rows)
+    if len(missing):
+        raise ValueError(f"self-influence needs training rows; {missing[:5].tolist()} are not")
+    s = scorer.scores(rows, exp_name="self")
+    idx = pos.loc[rows].to_numpy()
+    own = s[idx, np.arange(len(rows))]
+    rank = (s > own[None, :]).sum(axis=0) + 1
+    return pd.DataFrame({"row": rows, "self_score": own, "rank": rank,
+                         "percentile": 100.0 * rank / len(scorer.train_rows)})
+
+
+def top_train_rows(scores: np.ndarray, train_rows: Sequence[int], k: int = 8,
+                   most_negative: bool = False) -> np.ndarray:
+    """Cache rows of the ``k`` highest (or lowest) scoring training images per target column."""
+    order = np.argsort(scores, axis=0)
+    pick = order[:k] if most_negative else order[::-1][:k]
+    return np.asarray(train_rows)[pick].T
+
+
+def baseline_scorer(run_path: str | Path, finding: str, seed: int, cohort: pd.DataFrame, images,
+                    cfg, checkpoints: Sequence[int], *, proj_dim: int, lambda_reg: float,
+                    batch_size: int, projector_seed: int, device: str = "cpu") -> TrakScorer:
+    """The TRAK scorer of one finding's baseline seed, in the run folder's layout.
+
+    Training images: the finding's ``train`` rows; checkpoints
+    ``03_baseline/<finding>/seed<s>/epoch_<ee>.pt`` for ``ee`` in ``checkpoints``
+    (parameter ``trak_checkpoints``); traker state in ``04_trak/<finding>/seed<s>/``.
+    ``cfg`` is the baseline's ``training.TrainConfig`` (architecture); images are fed
+    through ``training.to_tensor``, exactly as in training.
+    """
+    from . import models, training
+
+    run_path = Path(run_path)
+    fdir = training.finding_dirname(finding)
+    ck_dir = run_path / "03_baseline" / fdir / f"seed{seed}"
+    ckpts = {}
+    for e in checkpoints:
+        f = ck_dir / f"epoch_{int(e):02d}.pt"
+        if not f.is_file():
+            raise FileNotFoundError(f"trak_checkpoints asks for epoch {e}, but {f} does not exist")
+        ckpts[int(e)] = f
+    if finding not in cohort.columns:
+        raise KeyError(f"cohort table has no label column '{finding}'")
+    train_rows = training.task_rows(cohort, finding, "train")[0]
+    labels = cohort.set_index("row")[finding].dropna()
+    save_dir = run_path / "04_trak" / fdir / f"seed{seed}"
+    sc = TrakScorer(lambda: models.build_model(cfg.arch, num_outputs=1, width=cfg.width),
+                    save_dir, images, train_rows, labels, ckpts, proj_dim=proj_dim,
+                    lambda_reg=lambda_reg, device=device, projector_seed=projector_seed,
+                    batch_size=batch_size, transform=training.to_tensor)
+    sc.save_config(finding=finding, seed=int(seed), arch=cfg.arch, width=int(cfg.width),
+                   image_size=int(cfg.image_size), epochs=[int(e) for e in checkpoints])
+    return sc
+
+
+def load_scorer(save_dir: str | Path, device: str = "cpu") -> TrakScorer:
+    """Re-open a saved TRAK state (``04_trak/<finding>/seed<s>/``) written by notebook 04.
+
+    ``load_scorer(dir).scores(target_rows)`` returns ``n_train x n_targets`` scores for
+    the given cohort rows (labels from the cohort table for the scorer's finding); the
+    features are read from ``dir``, not recomputed.
+    """
+    from . import image_cache
+    from .training import TrainConfig
+
+    save_dir = Path(save_dir)
+    f = save_dir / CONFIG
+    if not f.exists():
+        raise FileNotFoundError(f"{f} not found: run notebook 04_trak for this finding and seed")
+    c = json.loads(f.read_text())
+    run_path = save_dir.parents[2]  # <run>/04_trak/<finding>/seed<s>
+    cohort = pd.read_parquet(run_path / "01_cohort" / "cohort.parquet")
+    images = image_cache.open_cache(run_path / "01_cohort" / "image_cache", c["image_size"])
+    cfg = TrainConfig(arch=c["arch"], width=c["width"], image_size=c["image_size"])
+    sc = baseline_scorer(run_path, c["finding"], c["seed"], cohort, images, cfg, c["epochs"],
+                         proj_dim=c["proj_dim"], lambda_reg=c["lambda_reg"],
+                         batch_size=c["batch_size"], projector_seed=c["projector_seed"],
+                         device=device)
+    return sc
+
+
+# -- linear datamodeling score ----------------------------------------------
+def lds(scores: np.ndarray, train_subset_margins: Callable[[np.ndarray], np.ndarray],
+        n_models: int, subset_fraction: float = 0.5, seed: int = 0, n_boot: int = 1000,
+        ci_level: float = 0.95) -> dict:
+    """Linear datamodeling score (Park et al. 2023, Eq. 5).
+
+    Trains ``n_models`` models on random ``subset_fraction`` subsets of the training set
+    (``train_subset_margins(mask)`` returns the trained model's margins on the targets),
+    predicts each margin as the sum of the kept images' scores, and averages the
+    Spearman correlation between predicted and actual margins over targets, with a
+    bootstrap interval over targets.
+
+    Args:
+        scores: ``n_train x n_targets`` TRAK scores.
+    """
+    if n_models < 3:
+        raise ValueError(f"trak_lds_models={n_models}: need at least 3 subset models")
+    rng = np.random.default_rng(seed)
+    n_train, n_targets = scores.shape
+    k = int(round(subset_fraction * n_train))
+    masks, actual = [], []
+    for _ in range(n_models):
+        mask = np.zeros(n_train, dtype=bool)
+        mask[rng.choice(n_train, size=k, replace=False)] = True
+        masks.append(mask)
+        actual.append(np.asarray(train_subset_margins(mask), dtype=np.float64))
+    masks, actual = np.array(masks), np.array(actual)  # (models, train), (models, targets)
+    predicted = masks.astype(np.float64) @ scores
+    rho = np.array([stats.spearmanr(predicted[:, j], actual[:, j]).statistic
+                    for j in range(n_targets)])
+    ok = ~np.isnan(rho)
+    boot = [np.mean(rng.choice(rho[ok], size=ok.sum())) for _ in range(n_boot)] if ok.any() else [np.nan]
+    a = (1 - ci_level) / 2
+    return {"lds": float(np.mean(rho[ok])) if ok.any() else math.nan,
+            "lo": float(np.quantile(boot, a)), "hi": float(np.quantile(boot, 1 - a)),
+            "n_targets": int(ok.sum()), "n_targets_constant": int((~ok).sum()),
+            "n_models": int(n_models), "per_target": rho}

@@ -1,0 +1,141 @@
+"""D3M (Data Debiasing with Datamodels): group alignment scores, selection, Auto-D3M.
+
+Jain, Hamidieh, Georgiev, Ilyas, Ghassemi, Madry (2024), "Improving subgroup robustness
+via data selection". From TRAK scores ``T[i, z]`` of training image ``i`` on validation
+image ``z``, the group coefficient is ``tau(g)_i = mean_{z in g} T[i, z]`` and the group
+alignment score weights groups by the base model's validation loss ``l_g``:
+
+- ``weighting="softmax"`` (the source study):
+  ``A_i = sum_g exp(beta l_g) tau(g)_i / sum_g' exp(beta l_g')``
+- ``weighting="linear"`` (the public D3M code): ``A_i = mean_g l_g tau(g)_i``
+
+Images with negative alignment pull the margins of high-loss groups down; D3M removes
+them (``A_i < 0``) or the ``k`` lowest. Group labels are used on validation images only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.cluster import KMeans
+
+WEIGHTINGS = ("softmax", "linear")
+RULES = ("negative", "k_lowest")
+
+
+def group_losses(y, logits, groups) -> pd.Series:
+    """Mean binary cross-entropy of a model's logits per group (index = group, sorted)."""
+    y = np.asarray(y, dtype=np.float64)
+    logits = np.asarray(logits, dtype=np.float64)
+    groups = np.asarray(groups, dtype=object)
+    if not (len(y) == len(logits) == len(groups)):
+        raise ValueError(f"group_losses: lengths differ (y {len(y)}, logits {len(logits)}, "
+                         f"groups {len(groups)})")
+    if np.isnan(y).any() or not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("group_losses: y must be 0/1 without NaN")
+    margin = (2 * y - 1) * logits
+    loss = np.logaddexp(0.0, -margin)  # BCE with logits, numerically stable
+    return pd.Series(loss).groupby(groups).mean().sort_index().rename("loss")
+
+
+def alignment_scores(tau: pd.DataFrame, group_loss: pd.Series, weighting: str = "softmax",
+                     beta: float = 1.0) -> pd.Series:
+    """Group alignment score ``A_i`` per training image (index of ``tau``).
+
+    ``tau``: training images x groups (``tau(g)_i``); ``group_loss``: validation loss
+    ``l_g`` of the base model per group. ``softmax`` is the source study's weighting
+    (``beta = 1`` there); ``linear`` is the public D3M code's ``mean_g l_g tau(g)_i``.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"d3m_weighting={weighting!r}; expected one of {WEIGHTINGS}")
+    missing = [g for g in tau.columns if g not in group_loss.index]
+    if missing:
+        raise KeyError(f"no validation loss for groups {missing} (tau columns {list(tau.columns)})")
+    l = group_loss.loc[list(tau.columns)].to_numpy(dtype=np.float64)
+    if weighting == "softmax":
+        z = beta * l
+        w = np.exp(z - z.max())
+        w = w / w.sum()
+    else:
+        w = l / len(l)
+    return pd.Series(tau.to_numpy(dtype=np.float64) @ w, index=tau.index, name="score")
+
+
+def select(scores: pd.Series, rule: str = "negative", k: int | None = None) -> pd.Series:
+    """Kept mask (True = keep) over training images.
+
+    ``negative``: drop every image with ``A_i < 0``; ``k_lowest``: drop the ``k`` lowest
+    (ties broken by position, so the count is exact).
+    """
+    if rule not in RULES:
+        raise ValueError(f"d3m_selection={rule!r}; expected one of {RULES}")
+    if scores.isna().any():
+        raise ValueError(f"{int(scores.isna().sum())} alignment scores are NaN")
+    if rule == "negative":
+        return (scores >= 0).rename("kept")
+    if k is None or not 0 <= int(k) <= len(scores):
+        raise ValueError(f"d3m_k={k} must be an integer in [0, {len(scores)}] for rule k_lowest")
+    order = np.argsort(scores.to_numpy(), kind="stable")
+    kept = np.ones(len(scores), dtype=bool)
+    kept[order[:int(k)]] = False
+    return pd.Series(kept, index=scores.index, name="kept")
+
+
+@dataclass
+class AutoD3MResult:
+    """Pseudo-groups of the validation images and the D3M selection they lead to."""
+
+    pseudo_groups: np.ndarray  # per validation image, "pseudo_0"/"pseudo_1"
+    tau: pd.DataFrame
+    group_loss: pd.Series
+    scores: pd.Series
+    kept: pd.Series
+    explained_variance_ratio: float
+
+
+def pseudo_groups(val_scores: np.ndarray, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, float]:
+    """Split validation images in two by their TRAK score vectors (no group labels).
+
+    ``val_scores``: ``n_train x n_val``. Each validation image is a vector over training
+    images; after centring, ``pca`` takes the sign of its projection on the top principal
+    component, ``kmeans`` runs 2-means on the top 10 principal components. Returns labels
+    ``pseudo_0``/``pseudo_1`` and the top component's share of variance.
+    """
+    X = np.asarray(val_scores, dtype=np.float64).T
+    X = X - X.mean(axis=0, keepdims=True)
+    u, s, _ = np.linalg.svd(X, full_matrices=False)
+    evr = float(s[0] ** 2 / np.sum(s ** 2)) if np.sum(s ** 2) > 0 else 0.0
+    if method == "pca":
+        lab = (u[:, 0] * s[0] > 0).astype(int)
+    elif method == "kmeans":
+        pcs = u[:, :10] * s[:10]
+        lab = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(pcs)
+    else:
+        raise ValueError(f"auto_d3m method={method!r}; expected 'pca' or 'kmeans'")
+    return np.array([f"pseudo_{v}" for v in lab], dtype=object), evr
+
+
+def auto_d3m(val_scores: np.ndarray, train_rows, y_val, logits_val, *, method: str = "pca",
+             weighting: str = "softmax", beta: float = 1.0, rule: str = "negative",
+             k: int | None = None, seed: int = 0) -> AutoD3MResult:
+    """Auto-D3M: D3M with pseudo-groups found from TRAK scores instead of group labels.
+
+    As in the D3M paper's Auto-D3M: per-validation-image TRAK scores are reduced with PCA
+    and the top component splits the validation set into two pseudo-groups; D3M then runs
+    with those groups (loss per pseudo-group, tau per pseudo-group, alignment, selection).
+    Needs the full ``n_train x n_val`` score matrix: fine at demo size; at MIMIC scale
+    score a random subsample of validation targets.
+    """
+    S = np.asarray(val_scores, dtype=np.float64)
+    if S.shape != (len(train_rows), len(y_val)):
+        raise ValueError(f"val_scores shape {S.shape} != (n_train={len(train_rows)}, "
+                         f"n_val={len(y_val)})")
+    groups, evr = pseudo_groups(S, method=method, seed=seed)
+    names = sorted(set(groups))
+    tau = pd.DataFrame({g: S[:, groups == g].mean(axis=1) for g in names},
+                       index=pd.Index(np.asarray(train_rows), name="row"))
+    gl = group_losses(y_val, logits_val, groups)
+    scores = alignment_scores(tau, gl, weighting=weighting, beta=beta)
+    return AutoD3MResult(groups, tau, gl, scores, select(scores, rule=rule, k=k), evr)

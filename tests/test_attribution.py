@@ -1,0 +1,175 @@
+"""TRAK wrapper: multi-checkpoint scoring, group means, self-influence, resume, LDS."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from d3m_lib import attribution
+from d3m_lib.attribution import TrakScorer
+
+PX = 6
+
+
+def cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 1))
+
+
+def linear():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(PX * PX, 1))
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (80, PX, PX), dtype=np.uint8)
+    labels = pd.Series(rng.integers(0, 2, 80).astype(float), index=np.arange(80))
+    torch.manual_seed(0)
+    ckpts = {}
+    for mid in (1, 2):
+        m = cnn()
+        with torch.no_grad():  # make BatchNorm buffers non-trivial too
+            m[1].running_mean.uniform_(-0.2, 0.2)
+        ckpts[mid] = m.state_dict()
+    return images, labels, ckpts
+
+
+def scorer(tmp_path, name, data, ids, **kw):
+    images, labels, ckpts = data
+    return TrakScorer(cnn, tmp_path / name, images, np.arange(50), labels,
+                      {i: ckpts[i] for i in ids}, proj_dim=16, **kw)
+
+
+def test_each_checkpoint_scores_its_own_targets(tmp_path, data):
+    targets = np.arange(50, 80)
+    both = scorer(tmp_path, "ab", data, (1, 2))
+    s_ab = both.scores(targets)
+    one = {i: scorer(tmp_path, f"s{i}", data, (i,)) for i in (1, 2)}
+    s = {i: one[i].scores(targets) for i in (1, 2)}
+    q = {i: one[i].out_to_loss(i)[:, None] for i in (1, 2)}
+    # traker: mean_c(Phi_c g_c^T) * mean_c(Q_c); single-checkpoint runs give Phi_c g_c^T Q_c
+    expected = (s[1] / q[1] + s[2] / q[2]) / 2 * (q[1] + q[2]) / 2
+    np.testing.assert_allclose(s_ab, expected, rtol=1e-4, atol=1e-9)
+    # scoring every checkpoint against the last checkpoint's targets gives something else
+    sv = both.traker.saver
+    sv.load_current_store(1)
+    phi1 = np.array(sv.current_store["features"])
+    sv.load_current_store(2, "targets", len(targets))
+    g2 = np.array(sv.current_store["targets_grads"])
+    last_only = (phi1 @ g2.T + s[2] / q[2]) / 2 * (q[1] + q[2]) / 2
+    assert not np.allclose(s_ab, last_only, rtol=1e-2, atol=0)
+
+
+def test_group_mean_equals_mean_of_per_image_scores(tmp_path, data):
+    targets = np.arange(50, 80)
+    groups = np.array(["Black", "White", "Asian"])[np.arange(30) % 3]
+    sc = scorer(tmp_path, "g", data, (1, 2))
+    per_image = sc.scores(targets, exp_name="per_image")
+    tau = sc.group_scores(targets, groups)
+    assert list(tau.columns) == ["Asian", "Black", "White"]
+    assert list(tau.index) == list(range(50))
+    for g in tau.columns:
+        np.testing.assert_allclose(tau[g].to_numpy(), per_image[:, groups == g].mean(axis=1),
+                                   rtol=1e-4, atol=1e-9)
+    # the per-image target gradients stay stored for later scoring
+    np.testing.assert_allclose(sc.experiment_scores("validate", 30), per_image, rtol=1e-4, atol=1e-9)
+
+
+def test_resume_reuses_features(tmp_path, data):
+    a = scorer(tmp_path, "r", data, (1, 2))
+    s1 = a.scores(np.arange(50, 55))
+    b = scorer(tmp_path, "r", data, (1, 2))
+    assert all(b.traker.saver.model_ids[i]["is_finalized"] == 1 for i in (1, 2))
+    np.testing.assert_allclose(b.scores(np.arange(50, 55)), s1, rtol=1e-5)
+
+
+def test_self_influence_ranks_distinctive_point_first(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 60
+    images = np.zeros((n, PX, PX), dtype=np.uint8)
+    y = rng.integers(0, 2, n)
+    images[:, 0, :] = np.where(y[:, None] == 1, 200, 20)   # the label cue
+    images[:, 1:, :] = rng.integers(0, 40, (n, PX - 1, PX))
+    images[7, 4, 4] = 255                                   # one distinctive training image
+    images[7, 0, :] = 20 if y[7] == 1 else 200              # ... that contradicts the cue
+    labels = pd.Series(y.astype(float))
+    torch.manual_seed(0)
+    m = linear()
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / 255
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            m(x).reshape(-1), torch.as_tensor(y, dtype=torch.float32)).backward()
+        opt.step()
+    sc = TrakScorer(linear, tmp_path / "self", images, np.arange(n), labels,
+                    {0: m.state_dict()}, proj_dim=30, lambda_reg=1e-3)
+    r = attribution.self_influence_rank(sc, [7, 3, 11])
+    assert r.loc[r.row == 7, "rank"].item() == 1
+    assert list(r.columns) == ["row", "self_score", "rank", "percentile"]
+
+
+def test_bad_parameters(tmp_path, data):
+    images, labels, ckpts = data
+    with pytest.raises(ValueError, match="trak_proj_dim"):
+        TrakScorer(cnn, tmp_path / "x", images, np.arange(10), labels, ckpts, proj_dim=16)
+    with pytest.raises(ValueError, match="at least one checkpoint"):
+        TrakScorer(cnn, tmp_path / "y", images, np.arange(50), labels, {}, proj_dim=16)
+    bad = labels.copy()
+    bad[60] = np.nan
+    sc = TrakScorer(cnn, tmp_path / "z", images, np.arange(50), bad, {1: ckpts[1]}, proj_dim=16)
+    with pytest.raises(ValueError, match="0/1"):
+        sc.scores([60])
+
+
+def test_lds_known_answers():
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(40, 5))
+    exact = attribution.lds(true, lambda mask: mask @ true, n_models=12, seed=1, n_boot=200)
+    assert exact["lds"] == pytest.approx(1.0)
+    noise = attribution.lds(rng.normal(size=(40, 5)), lambda mask: mask @ true, n_models=12,
+                            seed=1, n_boot=200)
+    assert noise["lds"] < 0.6 and noise["lo"] <= noise["lds"] <= noise["hi"]
+
+
+def test_load_scorer_round_trip(tmp_path):
+    """Notebook 04's layout: baseline_scorer writes, load_scorer re-opens without refeaturizing."""
+    import json
+
+    from d3m_lib import image_cache, models
+    from d3m_lib.training import TrainConfig
+
+    px, n = 8, 40
+    rng = np.random.default_rng(2)
+    cohort = pd.DataFrame({"row": np.arange(n), "split": ["train"] * 30 + ["validate"] * 10,
+                           "group": rng.choice(["A", "B"], n), "Edema": rng.integers(0, 2, n).astype(float)})
+    cohort.loc[3, "Edema"] = np.nan  # not in the task
+    (tmp_path / "01_cohort").mkdir()
+    cohort.to_parquet(tmp_path / "01_cohort" / "cohort.parquet")
+    f = image_cache.cache_files(tmp_path / "01_cohort" / "image_cache", px)
+    f["images"].parent.mkdir(parents=True)
+    mm = np.memmap(f["images"], dtype=np.uint8, mode="w+", shape=(n, px, px))
+    mm[:] = rng.integers(0, 256, (n, px, px), dtype=np.uint8)
+    mm.flush()
+    np.save(f["done"], np.ones(n, bool))
+    f["meta"].write_text(json.dumps({"n": n, "image_size": px, "complete": True, "paths_sha256": ""}))
+    cfg = TrainConfig(arch="resnet9", width=2, image_size=px)
+    ck = tmp_path / "03_baseline" / "Edema" / "seed0"
+    ck.mkdir(parents=True)
+    torch.manual_seed(0)
+    for e in (1, 2):
+        torch.save(models.build_model("resnet9", 1, width=2).state_dict(), ck / f"epoch_{e:02d}.pt")
+    images = image_cache.open_cache(tmp_path / "01_cohort" / "image_cache", px)
+    sc = attribution.baseline_scorer(tmp_path, "Edema", 0, cohort, images, cfg, [1, 2], proj_dim=8,
+                                     lambda_reg=0.0, batch_size=16, projector_seed=0)
+    assert len(sc.train_rows) == 29 and 3 not in sc.train_rows
+    sc.featurize()
+    s = sc.scores([30, 31, 35])
+    again = attribution.load_scorer(tmp_path / "04_trak" / "Edema" / "seed0")
+    assert all(again.traker.saver.model_ids[i]["is_finalized"] == 1 for i in (1, 2))
+    np.testing.assert_allclose(again.scores([30, 31, 35]), s, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="trak_checkpoints"):
+        attribution.baseline_scorer(tmp_path, "Edema", 0, cohort, images, cfg, [3], proj_dim=8,
+                                    lambda_reg=0.0, batch_size=16, projector_seed=0)
