@@ -158,7 +158,8 @@ DEFAULTS: dict[str, Any] = dict(
     p_no_admission=0.1,       # a patient has images but no MIMIC-IV admission
     p_race_conflict=0.06,     # a patient's admissions name two different groups
     p_unknown_admission=0.08,  # a later admission records UNKNOWN/UNABLE/DECLINED
-    cue_strength=1.0,         # multiplies every finding cue
+    cue_strength=0.35,        # multiplies every finding cue; at 1.0 every finding is near-perfectly
+                              # separable and the planted biases leave no per-race gap to study
     uncertain_strength=0.5,   # cue of an uncertain label, relative to a positive one
     # (a) shortcut: in train, markers follow the label in one group only
     shortcut_group="White",
@@ -785,3 +786,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                        image_size=args.image_size, seed=args.seed)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return summary
+
+
+def planted_ground_truth(run, override: str | Path | None = None) -> pd.DataFrame | None:
+    """The planted ground truth of the run's synthetic cohort, or None on real data.
+
+    ``run`` is a ``RunDir``; the cohort's folder comes from stage 01's manifest
+    (``summary.synthetic_dir``). ``override`` names the file explicitly. A
+    synthetic cohort without its ground-truth file is an error, not a silent skip.
+    """
+    if override:
+        path = Path(override)
+        if not path.exists():
+            raise FileNotFoundError(f"synthetic_ground_truth={str(override)!r} does not exist")
+        return pd.read_csv(path, dtype=str)
+    summary = (run.manifest("01_cohort") or {}).get("summary", {})
+    if not summary.get("synthetic"):
+        return None
+    path = Path(summary["synthetic_dir"]) / GROUND_TRUTH_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"the run's cohort is synthetic but {path} is missing; "
+                                "re-run notebook 01 or pass synthetic_ground_truth")
+    return pd.read_csv(path, dtype=str)

@@ -130,7 +130,8 @@ def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True) -> dict:
     cohort = _fake_cohort(rng)
     cohort.to_parquet(st.path("cohort.parquet"), index=False)
     _write_image_cache(cohort, st.dir / "image_cache", FAKE_PX, rng)
-    st.finish()
+    # what notebook 01 records for a synthetic cohort: where the generator wrote it
+    st.finish({"synthetic": True, "synthetic_dir": str(data.parent)})
     gt_rows = cohort[cohort["split"] == "train"].sample(30, random_state=seed)
     gt = pd.DataFrame({"dicom_id": gt_rows["image_id"], "subject_id": gt_rows["subject_id"],
                        "study_id": gt_rows["study_id"], "split": "train",

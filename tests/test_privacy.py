@@ -159,7 +159,7 @@ def test_credentialed_notebooks_show_no_ids_or_images(fake_run_trak, tmp_path):
     r = fake_run_trak
     common = dict(run_dir=str(r["run_dir"]), credentialed=True, publish_identifiers=False,
                   publish_images=False)
-    nb07 = dict(image_size=16, n_targets=2, n_top=4, min_group_n=5, mimic_cxr_dir=str(r["mimic_cxr_dir"]))
+    nb07 = dict(image_size=16, n_targets=2, n_top=4, min_group_n=5)
     _run_nb("06_per_race.ipynb", tmp_path / "cred", dict(common, n_boot=50))
     _run_nb("07_error_analysis.ipynb", tmp_path / "cred", dict(common, **nb07))
     assert scan_notebook_outputs(tmp_path / "cred", r["cohort"]) == []
