@@ -7,13 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import os
+
 import pytest
 
 from d3m_lib.cohort import TABLE_COLUMNS
 from d3m_lib.nih import (NIH_TO_CHEXPERT, UNAVAILABLE, age_band_labels, build_nih_cohort,
                          nih_labels, patient_split)
 
-SAMPLE = Path("/work/shared/data/nih-cxr14-sample")
+# the repo's checkout sits beside shared/ (here and in CI); D3M_NIH_SAMPLE overrides
+SAMPLE = Path(os.environ.get("D3M_NIH_SAMPLE",
+                             Path(__file__).resolve().parents[2] / "shared/data/nih-cxr14-sample"))
 needs_sample = pytest.mark.skipif(not (SAMPLE / "Data_Entry_2017_v2020.csv").exists(),
                                   reason="NIH sample not on this machine")
 
