@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import os
-
 import pytest
 
 from d3m_lib.cohort import TABLE_COLUMNS
