@@ -1,12 +1,14 @@
-"""Command line: ``python -m d3m_lib run | book | demo-data``."""
+"""Command line: ``python -m d3m_lib run | book | params | status | demo-data``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import synthetic
-from .runner import RunnerError, build_book, parse_overrides, run
+from . import config, synthetic
+from .config import ConfigError
+from .rundir import RunBusyError, RunDir, StaleArtifactError
+from .runner import RunnerError, build_book, parse_overrides, run, run_status, stage_problems, study_notebooks
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--to", dest="last", type=int, metavar="NN", help="last notebook number to run")
     r.add_argument("--notebooks", help="folder of NN_*.ipynb notebooks (default: notebooks/ "
                                        "of the repository, or $D3M_NOTEBOOKS)")
+    r.add_argument("--replace", action="store_true",
+                   help="the run folder holds other parameters: overwrite the stages that change, in "
+                        "place (without it such a run is refused and nothing is changed)")
     r.add_argument("--book", action="store_true", help="build the book after a successful run")
     r.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
 
@@ -33,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("run_dir", help="run folder holding executed/")
     b.add_argument("--out", help="output folder (default: <run_dir>/book); HTML in <out>/_build/html")
     b.add_argument("--notebooks", help="folder of the source notebooks (default as for run)")
+
+    sub.add_parser("params", help="list every parameter: default, allowed values, stages, meaning")
+    st = sub.add_parser("status", help="state of each stage of a run folder")
+    st.add_argument("run_dir")
 
     d = sub.add_parser("demo-data", help="write a synthetic MIMIC-CXR-JPG + MIMIC-IV copy",
                        description="Write a synthetic cohort in MIMIC's file layout, with planted "
@@ -47,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             run_path = run(args.params, run_dir=args.run_dir, overrides=parse_overrides(args.param),
                            first=args.first, last=args.last, notebooks_dir=args.notebooks,
-                           progress=args.progress)
+                           progress=args.progress, replace=args.replace)
             print(f"run finished: {run_path} (record in {run_path / 'run.json'})")
             if args.book:
                 index = build_book(run_path, notebooks_dir=args.notebooks)
@@ -55,12 +64,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "book":
             index = build_book(args.run_dir, out=args.out, notebooks_dir=args.notebooks)
             print(f"book: {index}")
+        elif args.command == "params":
+            print(config.describe())
+        elif args.command == "status":
+            r = RunDir(args.run_dir)
+            cfg = r.config()
+            if cfg is None:
+                raise RunnerError(f"{r.path} has no config.json: not a run folder")
+            print(f"{r.path}: run {run_status(r) or 'never started by the runner'}")
+            problems = stage_problems(r, cfg, study_notebooks())
+            print("\n".join(f"  {p}" for p in problems) or "  every stage is current")
         elif args.command == "demo-data":
             try:
                 synthetic.main(args)
             except (ValueError, TypeError, OSError) as exc:
                 raise RunnerError(f"demo-data: {exc}") from exc
-    except RunnerError as exc:
+    except (RunnerError, ConfigError, RunBusyError, StaleArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,49 +1,220 @@
-"""One run = one folder: stage outputs, their manifests, and the stale-artifact guard.
+"""One run = one folder. :class:`RunDir` alone knows its layout, its stages and their state.
 
-Every notebook writes into ``<run_dir>/<stage>/`` and nowhere else. A stage's
-*fingerprint* is a hash of the parameters it consumed and of the fingerprints of
-the stages it read. Re-running a stage with other parameters clears its folder
-(saying which parameters changed); a later stage that reads an upstream stage
-whose fingerprint moved on since it was computed gets a ``StaleArtifactError``
-instead of silently reusing old artifacts.
+Layout::
+
+    config.json                 the run's resolved configuration (d3m_lib.config)
+    run.json                    the runner's record: plan, times, versions, status
+    .lock                       held (flock) by whoever is writing a stage
+    executed/NN_name.ipynb      the notebooks as executed for this run
+    <stage>/manifest.json       fingerprint, parameters, upstream fingerprints, complete
+    <stage>/...                 the stage's artifacts (each stage writes only here)
+
+A stage's *fingerprint* hashes the parameters it reads, the fingerprints of the
+stages it reads (so it covers every upstream stage transitively) and the version
+of the library code. :meth:`RunDir.require` refuses a stage that is missing,
+unfinished, marked stale, or whose upstream chain has moved on since it ran.
+
+Nothing is destroyed by surprise: a stage asked to run with *parameters* other
+than the ones its folder was made with is written into a new run folder (a
+*fork*, :func:`open_stage`) that links the unchanged upstream stages, unless
+the caller asks to replace it in place, which marks every later stage stale.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
+
+from . import config as cfgmod
+from .config import Config, ConfigError
 
 MANIFEST = "manifest.json"
+CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
+LOCK_ENV = "D3M_RUN_LOCK"      # set by the runner for the kernels it starts: they share its lock
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    notebook: str                 # file name in notebooks/
+    needs: tuple[str, ...]        # stages it reads
+
+    @property
+    def number(self) -> int:
+        return int(self.name[:2])
+
+
+STAGES: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("01_cohort", "01_cohort.ipynb", ()),
+    StageSpec("02_scan", "02_discrepancy_scan.ipynb", ("01_cohort",)),
+    StageSpec("03_baseline", "03_baseline.ipynb", ("01_cohort", "02_scan")),
+    StageSpec("04_trak", "04_trak.ipynb", ("01_cohort", "02_scan", "03_baseline")),
+    StageSpec("05_d3m", "05_d3m.ipynb", ("01_cohort", "02_scan", "03_baseline", "04_trak")),
+    StageSpec("06_per_race", "06_per_race.ipynb", ("01_cohort", "05_d3m")),
+    StageSpec("07_error_analysis", "07_error_analysis.ipynb", ("01_cohort", "04_trak", "05_d3m")),
+)}
+assert all(s in cfgmod.__dict__.values() for s in STAGES), "config and rundir disagree on stage names"
+# Modules that orchestrate or present, and change no result: not part of the code version.
+_NOT_RESULTS = {"runner.py", "__main__.py"}
 
 
 class StaleArtifactError(RuntimeError):
-    """An upstream stage changed (or never finished) after this stage read it."""
+    """A stage that is missing, unfinished, or computed from upstream stages that changed since."""
 
 
-def fingerprint(params: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
-    """Stable hash of a stage's parameters and of the fingerprints it read."""
-    blob = json.dumps({"params": params, "upstream": dict(upstream)}, sort_keys=True, default=str)
+class RunBusyError(RuntimeError):
+    """Another process is writing this run folder."""
+
+
+def stage_spec(name: str) -> StageSpec:
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def downstream(name: str) -> list[str]:
+    """Every stage that reads ``name``, directly or through others."""
+    out: list[str] = []
+    for s in STAGES.values():
+        if name in s.needs or any(u in out for u in s.needs):
+            out.append(s.name)
+    return out
+
+
+def code_version() -> str:
+    """Hash of the library's source (the modules that compute results)."""
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for f in sorted(pkg.rglob("*.py")):
+        if f.name in _NOT_RESULTS:
+            continue
+        h.update(str(f.relative_to(pkg)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(params: Mapping[str, Any], upstream: Mapping[str, str], code: str) -> str:
+    """Stable hash of a stage's parameters, the fingerprints it read and the code version."""
+    blob = json.dumps({"params": params, "upstream": dict(upstream), "code": code},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def expected_fingerprints(cfg: Config, code: str | None = None) -> dict[str, str]:
+    """The fingerprint every stage will have when computed from ``cfg`` with this code."""
+    code = code or code_version()
+    fps: dict[str, str] = {}
+    for s in STAGES.values():
+        fps[s.name] = fingerprint(cfg.for_stage(s.name), {u: fps[u] for u in s.needs}, code)
+    return fps
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+# -- the lock -------------------------------------------------------------------------
+_HELD: dict[str, int] = {}   # lock file -> fd, for locks this process holds
+
+
+@dataclass
+class Lock:
+    path: Path
+    fd: int | None
+    token: str
+
+    def release(self) -> None:
+        if self.fd is not None:
+            _HELD.pop(str(self.path), None)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def acquire_lock(run_path: Path, what: str) -> Lock:
+    """Hold ``<run>/.lock`` (released when this process ends, however it ends).
+
+    A process started by the holder (a notebook kernel of the runner, which
+    inherits ``D3M_RUN_LOCK``) shares the holder's lock.
+    """
+    f = run_path / LOCK_FILE
+    key = str(f)
+    if key in _HELD:   # this process holds it already (a notebook cell run again)
+        return Lock(f, _HELD[key], "")
+    run_path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            holder = json.loads(f.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            holder = {}
+        if holder.get("token") and holder.get("token") == os.environ.get(LOCK_ENV):
+            return Lock(f, None, holder["token"])
+        raise RunBusyError(
+            f"run folder {run_path} is in use by process {holder.get('pid', '?')} "
+            f"({holder.get('what', 'unknown')}, since {holder.get('since', '?')}); wait for it to "
+            f"finish or use another run folder") from None
+    token = f"{os.getpid()}-{time.time_ns()}"
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "what": what, "since": _now(), "token": token}).encode())
+    _HELD[key] = fd
+    return Lock(f, fd, token)
+
+
+def lock_is_held(run_path: Path) -> bool:
+    """Whether some process holds the run's lock now."""
+    f = run_path / LOCK_FILE
+    if not f.exists():
+        return False
+    if str(f) in _HELD:
+        return True
+    fd = os.open(f, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+# -- the folder -------------------------------------------------------------------------
 @dataclass
 class Stage:
-    """A stage in progress: where to write, and what it read."""
+    """A stage in progress: its configuration, where to write, and what it read."""
 
     run: "RunDir"
     name: str
+    cfg: Config
     params: dict
     upstream: dict = field(default_factory=dict)
     fingerprint: str = ""
+    lock: Lock | None = None
 
     @property
     def dir(self) -> Path:
-        return self.run.path / self.name
+        return self.run.stage_dir(self.name)
 
     def path(self, *parts: str) -> Path:
         """A path inside this stage's folder (parents are created)."""
@@ -51,84 +222,323 @@ class Stage:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
+    def policy(self):
+        return self.run.policy(self.cfg)
+
+    def model_dir(self, finding: str, seed: int, *more: str) -> Path:
+        """This stage's folder for one model (created)."""
+        d = self.run.model_dir(self.name, finding, seed, *more)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def config_table(self):
+        """The parameters this stage reads, with their values in this run (shown atop each notebook)."""
+        return self.cfg.table(list(self.cfg.for_stage(self.name, kind=None)))
+
     def finish(self, summary: Mapping[str, Any] | None = None) -> None:
         """Mark the stage complete; later stages may now read it."""
         manifest = self.run.manifest(self.name) or {}
-        manifest.update(complete=True, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        summary=dict(summary or {}))
+        manifest.update(complete=True, finished_at=_now(), summary=dict(summary or {}))
         self.run._write_manifest(self.name, manifest)
+        if self.lock is not None:
+            self.lock.release()
 
 
 class RunDir:
-    """The folder of one run. ``RunDir(path).begin(stage, params, needs)``."""
+    """The folder of one run and everything known about its layout."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path).resolve()
 
-    # -- manifests ---------------------------------------------------------
+    # -- layout ---------------------------------------------------------------------
+    def stage_dir(self, name: str) -> Path:
+        return self.path / stage_spec(name).name
+
+    def executed(self, name: str) -> Path:
+        return self.path / "executed" / stage_spec(name).notebook
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    # -- configuration ------------------------------------------------------------------
+    def config(self) -> Config | None:
+        f = self.config_file
+        if not f.exists():
+            return None
+        try:
+            return cfgmod.resolve(json.loads(f.read_text()))
+        except (json.JSONDecodeError, ConfigError) as exc:
+            raise ConfigError(f"{f}: {exc}") from None
+
+    def write_config(self, cfg: Config) -> None:
+        _write_json(self.config_file, cfg.to_dict())
+
+    # -- manifests ----------------------------------------------------------------------
     def manifest(self, name: str) -> dict | None:
-        f = self.path / name / MANIFEST
+        f = self.stage_dir(name) / MANIFEST
         return json.loads(f.read_text()) if f.exists() else None
 
     def _write_manifest(self, name: str, manifest: Mapping[str, Any]) -> None:
-        f = self.path / name / MANIFEST
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        tmp.replace(f)
+        _write_json(self.stage_dir(name) / MANIFEST, manifest)
 
-    # -- reading upstream --------------------------------------------------
-    def require(self, name: str) -> Path:
-        """Folder of a finished stage whose own inputs are still current.
-
-        Raises ``StaleArtifactError`` naming the stage when it is missing,
-        unfinished, or was computed from an upstream stage that has since been
-        re-run with other parameters.
-        """
+    def problems(self, name: str, _seen: set | None = None) -> list[str]:
+        """Why ``name`` may not be read (empty when it may): missing, unfinished, stale."""
         m = self.manifest(name)
         if m is None:
-            raise StaleArtifactError(f"stage '{name}' has not been run in {self.path}; run it first")
+            return [f"stage {name} has not been run in {self.path}"]
         if not m.get("complete"):
-            raise StaleArtifactError(f"stage '{name}' in {self.path} did not finish; re-run it")
+            return [f"stage {name} in {self.path} did not finish"]
+        if m.get("stale"):
+            return [f"stage {name} is stale: {m['stale']}"]
+        out = []
         for up, fp in m.get("upstream", {}).items():
             um = self.manifest(up)
-            if um is None or um.get("fingerprint") != fp or not um.get("complete"):
-                raise StaleArtifactError(
-                    f"stage '{name}' was computed from an earlier version of stage '{up}' "
-                    f"(re-run since, or unfinished); re-run '{name}' and the stages after it")
-        return self.path / name
+            if um is None or um.get("fingerprint") != fp:
+                out.append(f"stage {name} was computed from an earlier version of stage {up} "
+                           f"(re-run since, or removed)")
+            else:
+                out += [f"{p} (read by {name})" for p in self.problems(up)]
+        return out
 
-    # -- writing a stage ---------------------------------------------------
-    def begin(self, name: str, params: Mapping[str, Any], needs: Iterable[str] = ()) -> Stage:
-        """Start (or resume) a stage.
+    def require(self, name: str) -> Path:
+        """Folder of a finished stage whose whole upstream chain is still current."""
+        probs = self.problems(name)
+        if probs:
+            raise StaleArtifactError("; ".join(dict.fromkeys(probs))
+                                     + f". Re-run {name} (and the stages after it).")
+        return self.stage_dir(name)
 
-        Same fingerprint as what is on disk: files are kept, so an interrupted
-        stage can resume. Other fingerprint: the old folder is cleared, and the
-        parameters that changed are printed.
+    def state(self, name: str, expected: str | None = None) -> str:
+        """``missing``, ``incomplete``, ``stale``, ``outdated`` (fingerprint differs) or ``current``."""
+        m = self.manifest(name)
+        if m is None:
+            return "missing"
+        if not m.get("complete"):
+            return "incomplete"
+        if self.problems(name):
+            return "stale"
+        if expected is not None and m.get("fingerprint") != expected:
+            return "outdated"
+        return "current"
+
+    def why_outdated(self, name: str, cfg: Config) -> str:
+        """What differs between a stage on disk and ``cfg`` with the current code."""
+        m = self.manifest(name) or {}
+        now = cfg.for_stage(name)
+        changed = sorted(k for k in set(now) | set(m.get("params", {}))
+                         if now.get(k) != m.get("params", {}).get(k))
+        if changed:
+            return "parameters changed: " + ", ".join(
+                f"{k} {m.get('params', {}).get(k)!r} -> {now.get(k)!r}" for k in changed)
+        if m.get("code") != code_version():
+            return "the library code changed since it ran"
+        return "an upstream stage changed"
+
+    def mark_stale(self, name: str, why: str) -> list[str]:
+        """Mark every later stage present in this folder stale; return their names."""
+        marked = []
+        for d in downstream(name):
+            m = self.manifest(d)
+            if m is not None and not m.get("stale"):
+                m["stale"] = why
+                self._write_manifest(d, m)
+                marked.append(d)
+        return marked
+
+    # -- what the stages hand each other -------------------------------------------------
+    def cohort(self, columns: list[str] | None = None):
+        """Stage 01's cohort table (checked current)."""
+        import pandas as pd
+
+        return pd.read_parquet(self.require("01_cohort") / "cohort.parquet", columns=columns)
+
+    def images(self, n: int | None = None):
+        """Stage 01's image cache (a read-only ``N x px x px`` uint8 memmap)."""
+        from .image_cache import open_cache
+
+        m = self.manifest("01_cohort") or {}
+        return open_cache(self.require("01_cohort") / "image_cache", m.get("params", {}).get("image_size"),
+                          expected_n=n)
+
+    def findings(self) -> list[str]:
+        """The findings stage 02 chose."""
+        return json.loads((self.require("02_scan") / "chosen_findings.json").read_text())
+
+    def model_dir(self, stage: str, finding: str, seed: int, *more: str) -> Path:
+        """``<stage>/<finding>/[<more>/]seed<seed>``: where a stage keeps one model's files."""
+        return self.stage_dir(stage).joinpath(finding.replace(" ", "_"), *more, f"seed{seed}")
+
+    # -- privacy --------------------------------------------------------------------------
+    def policy(self, cfg: Config | None = None):
+        """What this run may show, from the data stage 01 actually read; closed when unknown."""
+        from .privacy import Policy
+
+        cfg = cfg or self.config() or cfgmod.resolve({})
+        facts = ((self.manifest("01_cohort") or {}).get("summary") or {}).get("data")
+        if not facts:   # stage 01 has not said what it read: assume credentialed data
+            return Policy(True, cfg.publish_identifiers, cfg.publish_images)
+        return Policy.from_params(facts["dataset"], facts["synthetic"], cfg.credentialed,
+                                  cfg.publish_identifiers, cfg.publish_images)
+
+    # -- writing a stage -------------------------------------------------------------------
+    def begin(self, name: str, cfg: Config, lock: Lock | None = None) -> Stage:
+        """Start or resume stage ``name`` under ``cfg`` in this folder.
+
+        Same fingerprint as on disk: files are kept (an interrupted stage resumes).
+        Another fingerprint because the code or an upstream stage changed: the stage's
+        own folder is recomputed. Other *parameters* never reach here (see
+        :func:`open_stage`), so a parameter change never clears a stage.
         """
+        spec = stage_spec(name)
         upstream = {}
-        for up in needs:
+        for up in spec.needs:
             self.require(up)
             upstream[up] = self.manifest(up)["fingerprint"]
-        params = json.loads(json.dumps(dict(params), default=str))
-        fp = fingerprint(params, upstream)
+        params = json.loads(json.dumps(cfg.for_stage(name)))
+        code = code_version()
+        fp = fingerprint(params, upstream, code)
         old = self.manifest(name)
-        d = self.path / name
+        d = self.stage_dir(name)
         if old is not None and old.get("fingerprint") != fp:
-            changed = sorted(k for k in set(params) | set(old.get("params", {}))
-                             if params.get(k) != old.get("params", {}).get(k))
-            why = f"parameters changed: {', '.join(changed)}" if changed else "an upstream stage changed"
-            print(f"[{name}] clearing outputs of an earlier run ({why})")
+            if old.get("params") != params:
+                raise ConfigError(f"stage {name} in {self.path} was made with other parameters "
+                                  f"({self.why_outdated(name, cfg)}); refusing to overwrite it")
+            print(f"[{name}] recomputing in {d}: "
+                  + ("the library code changed since it ran" if old.get("code") != code
+                     else "an upstream stage changed since it ran"))
             shutil.rmtree(d)
         elif old is None and d.exists() and any(d.iterdir()):
-            print(f"[{name}] clearing files without a manifest in {d}")
-            shutil.rmtree(d)
+            raise ConfigError(f"{d} holds files but no {MANIFEST}: not made by this library, or copied "
+                              f"by hand; move them away before running stage {name} here")
         d.mkdir(parents=True, exist_ok=True)
-        resumed = old is not None and old.get("fingerprint") == fp
         self._write_manifest(name, {
-            "stage": name, "fingerprint": fp, "params": params, "upstream": upstream,
-            "complete": False, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "resumed": resumed,
+            "stage": name, "fingerprint": fp, "params": params, "upstream": upstream, "code": code,
+            "complete": False, "started_at": _now(), "resumed": old is not None and old.get("fingerprint") == fp,
         })
-        return Stage(self, name, params, upstream, fp)
+        return Stage(self, name, cfg, params, upstream, fp, lock)
+
+    def adopt(self, name: str, source: "RunDir") -> None:
+        """Take a finished stage of another run by hard links (copies across file systems)."""
+        src, dst = source.stage_dir(name), self.stage_dir(name)
+        if dst.exists():
+            shutil.rmtree(dst)
+
+        def link(s, d):
+            try:
+                os.link(s, d)
+            except OSError:
+                shutil.copy2(s, d)
+
+        shutil.copytree(src, dst, copy_function=link)
+        ex = source.executed(name)
+        if ex.exists():
+            self.executed(name).parent.mkdir(parents=True, exist_ok=True)
+            if self.executed(name).exists():
+                self.executed(name).unlink()
+            link(ex, self.executed(name))
+
+
+def fork_name(run_path: Path, changed: Mapping[str, Any]) -> Path:
+    """A sibling folder named after the changed parameters: ``runs/demo+d3m_beta=2.0``."""
+    slug = ",".join(f"{k}={v}" for k, v in sorted(changed.items()))
+    slug = re.sub(r"[^A-Za-z0-9._=,-]+", "_", slug)
+    if len(slug) > 60:
+        slug = slug[:40] + "-" + hashlib.sha256(slug.encode()).hexdigest()[:8]
+    return run_path.with_name(f"{run_path.name}+{slug}")
+
+
+def parameters_of(name: str) -> list[str]:
+    """The parameters a stage's notebook lists: those it owns, and the view parameters it reads."""
+    return [p.name for p in cfgmod.PARAMS if p.owner == name or (p.kind == "view" and name in p.stages)]
+
+
+def open_stage(name: str, run_dir: str | Path, overrides: Mapping[str, Any] | None = None,
+               replace: bool = False, namespace: Mapping[str, Any] | None = None) -> Stage:
+    """What a notebook calls first: the run's configuration plus its overrides, checked.
+
+    A notebook passes its ``namespace`` (``globals()``): the names its parameters
+    cell lists (:func:`parameters_of`) are its overrides, and ``None`` means "as this
+    run was configured". ``overrides`` gives them explicitly. Overrides are checked
+    before anything is written. When they change
+    the stage's parameters, the stage goes into a new run folder beside this one
+    (printed), which links every upstream stage, unless ``replace`` is true: then
+    the stage is overwritten in place and every later stage is marked stale.
+    """
+    spec = stage_spec(name)
+    run = RunDir(run_dir)
+    listed = set(parameters_of(name))
+    given = {k: v for k, v in (namespace or {}).items() if k in listed and v is not None}
+    given.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    cfgmod.check_names(given, where=f"notebook {spec.notebook}")
+    allowed = {p.name for p in cfgmod.PARAMS if name in p.stages}
+    foreign = sorted(set(given) - allowed)
+    if foreign:
+        raise ConfigError(f"stage {name} does not read {', '.join(foreign)}: set them for the whole run "
+                          f"(python -m d3m_lib run ... -p NAME=VALUE)")
+    base_cfg = run.config()
+    if base_cfg is None:
+        if run.path.exists() and any(run.stage_dir(s).exists() for s in STAGES):
+            raise ConfigError(f"{run.path} has stage folders but no {CONFIG_FILE}: it was made by an "
+                              f"older version of d3m_lib; run it again into a new folder")
+        base_cfg = cfgmod.resolve({})
+    cfg = base_cfg.with_overrides(given, base=Path.cwd())
+    changed = {k: v for k, (old, v) in cfg.diff(base_cfg).items() if cfgmod.BY_NAME[k].kind == "stage"}
+    earlier = {k: [s for s in cfgmod.BY_NAME[k].stages if STAGES[s].number < spec.number
+                   and run.manifest(s) is not None] for k in changed}
+    earlier = {k: v for k, v in earlier.items() if v}
+    if earlier:
+        raise ConfigError("; ".join(f"{k} also shapes {', '.join(v)}, already computed in {run.path}"
+                                    for k, v in earlier.items())
+                          + f": change it for the whole run instead (python -m d3m_lib run ... "
+                            f"--run-dir NEW -p NAME=VALUE)")
+    target = run
+    if changed and run.manifest(name) is not None and not replace:
+        target = RunDir(fork_name(run.path, changed))
+        print(f"[{name}] {run.path.name} was configured with "
+              + ", ".join(f"{k}={base_cfg[k]!r}" for k in changed)
+              + f"; writing this stage to {target.path} instead (the original is kept)")
+    lock = acquire_lock(target.path, f"stage {name}")
+    try:
+        if target is not run:
+            existing = target.config()
+            if existing is not None and existing.diff(cfg):
+                raise ConfigError(f"{target.path} exists with another configuration; "
+                                  f"pass a different run_dir")
+            for up in _all_upstream(name):
+                if target.manifest(up) is None or target.problems(up):
+                    run.require(up)
+                    target.adopt(up, run)
+            print(f"[{name}] linked {', '.join(_all_upstream(name)) or 'nothing'} from {run.path}")
+        elif changed and replace:
+            marked = target.mark_stale(name, f"{name} was replaced with " + ", ".join(
+                f"{k}={v!r}" for k, v in changed.items()))
+            old = target.stage_dir(name)
+            if old.exists():
+                shutil.rmtree(old)
+            print(f"[{name}] replacing this stage in place (replace=True)"
+                  + (f"; marked stale: {', '.join(marked)}" if marked else ""))
+        if target is not run or replace or run.config() is None:
+            target.write_config(cfg.with_overrides({k: base_cfg[k] for k in cfg.diff(base_cfg)
+                                                    if cfgmod.BY_NAME[k].kind == "view"}))
+        stage = target.begin(name, cfg, lock)
+    except BaseException:
+        lock.release()
+        raise
+    return stage
+
+
+def _all_upstream(name: str) -> list[str]:
+    out: list[str] = []
+
+    def walk(n):
+        for u in STAGES[n].needs:
+            walk(u)
+            if u not in out:
+                out.append(u)
+    walk(name)
+    return [s for s in STAGES if s in out]

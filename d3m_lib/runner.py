@@ -1,41 +1,37 @@
-"""Run the numbered notebooks with papermill, and build the book from what they executed.
+"""Run the study's notebooks with papermill, and build the book from what they executed.
 
-``run`` executes ``notebooks/NN_*.ipynb`` in order into ``<run_dir>/executed/``,
-handing each notebook only the parameters its ``parameters`` cell declares
-(plus ``run_dir``), and records ``<run_dir>/run.json``. ``build_book`` copies
-the executed notebooks and the book pages into ``<run_dir>/book_src`` and runs
-``jupyter-book build`` with warnings as errors.
-
-Relative paths in parameters whose name ends in ``_dir``, ``_path`` or
-``_file`` (and ``pretrained``) are resolved against the directory the runner is
-started from, because the notebooks execute with their own folder as working
-directory.
+``run`` resolves and checks the whole configuration first (``d3m_lib.config``),
+then plans every stage against the run folder (``d3m_lib.rundir``): a stage whose
+fingerprint is already current is kept, one that a sibling run folder holds
+with the same fingerprint is linked from there, the others are computed. The
+plan is printed and recorded in ``run.json``. Each notebook receives only
+``run_dir`` and reads the run's ``config.json``. ``build_book`` refuses a run
+whose stages are missing, stale or outdated, then builds with warnings as errors.
 """
 
 from __future__ import annotations
 
-import ast
-import difflib
+import hashlib
 import json
 import os
 import platform
-import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import yaml
+from . import config as cfgmod
+from .config import Config, ConfigError
+from .rundir import (LOCK_ENV, STAGES, RunBusyError, RunDir, acquire_lock, code_version as library_version,
+                     expected_fingerprints, lock_is_held)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK_RE = re.compile(r"^(\d{2})_([A-Za-z0-9_]+)\.ipynb$")
 KERNEL = "python3"
-ASSIGN_RE = re.compile(r"^([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)", re.M)
-PATH_KEY_RE = re.compile(r"(_dir|_path|_file)$|^pretrained$")
 BOOK_FILES = ("_config.yml", "_toc.yml")
 BOOK_DIRS = ("book",)
 
@@ -44,153 +40,87 @@ class RunnerError(RuntimeError):
     """A problem the user can fix: bad parameters, a failed notebook, a missing file."""
 
 
-@dataclass(frozen=True)
-class Notebook:
-    """One numbered notebook and the parameter names its ``parameters`` cell declares."""
-
-    number: int
-    path: Path
-    declared: tuple[str, ...]
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.path.stem
-
-
-# -- notebooks and parameters ------------------------------------------------
+# -- notebooks -------------------------------------------------------------------
 def default_notebooks_dir() -> Path:
     """``$D3M_NOTEBOOKS`` if set, else the repository's ``notebooks/``."""
     return Path(os.environ.get("D3M_NOTEBOOKS", REPO_ROOT / "notebooks"))
 
 
-def discover(notebooks_dir: str | Path) -> list[Notebook]:
-    """The ``NN_name.ipynb`` notebooks of a folder, in number order, with their declared parameters."""
+@dataclass(frozen=True)
+class Notebook:
+    stage: str
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def number(self) -> int:
+        return int(self.stage[:2])
+
+
+def study_notebooks(notebooks_dir: str | Path | None = None) -> list[Notebook]:
+    """The notebook of every stage, each with a ``parameters`` cell that declares ``run_dir``."""
     import nbformat
     import papermill
 
-    nb_dir = Path(notebooks_dir)
-    if not nb_dir.is_dir():
-        raise RunnerError(f"notebooks folder {nb_dir} does not exist")
-    found: dict[int, Path] = {}
-    for p in sorted(nb_dir.glob("*.ipynb")):
-        m = NOTEBOOK_RE.match(p.name)
-        if not m:
-            continue
-        n = int(m.group(1))
-        if n in found:
-            raise RunnerError(f"two notebooks share number {n:02d}: {found[n].name} and {p.name}")
-        found[n] = p
-    if not found:
-        raise RunnerError(f"no notebooks named NN_name.ipynb in {nb_dir}")
+    nb_dir = Path(notebooks_dir or default_notebooks_dir())
     out = []
-    for n, p in sorted(found.items()):
+    for spec in STAGES.values():
+        p = nb_dir / spec.notebook
+        if not p.is_file():
+            raise RunnerError(f"stage {spec.name} needs the notebook {p}, which does not exist")
         nb = nbformat.read(p, as_version=4)
         if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells):
             raise RunnerError(f"{p.name} has no cell tagged 'parameters'; papermill needs one")
-        inspected = papermill.inspect_notebook(str(p))
-        cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
-        lost = [m.group(1) for m in ASSIGN_RE.finditer(cell.source) if m.group(1) not in inspected]
-        if lost:
-            raise RunnerError(f"{p.name}: papermill cannot read the parameter line(s) for "
-                              f"{', '.join(lost)} (a comment containing '=' is a common cause); "
-                              f"rewrite them as `name = value  # comment`")
-        if "run_dir" not in inspected:
+        if "run_dir" not in papermill.inspect_notebook(str(p)):
             raise RunnerError(f"{p.name} does not declare run_dir in its parameters cell")
-        defaults = {}
-        for k, v in inspected.items():
-            try:
-                defaults[k] = ast.literal_eval(v["default"])
-            except (ValueError, SyntaxError, TypeError):
-                pass  # not a literal (an expression): no default known to the runner
-        out.append(Notebook(n, p, tuple(inspected), defaults))
+        out.append(Notebook(spec.name, p))
     return out
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["seeds=[0, 1]", "lr=0.1"]`` -> ``{"seeds": [0, 1], "lr": 0.1}`` (values read as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise RunnerError(f"-p expects name=value, got {item!r}")
-        try:
-            out[name] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise RunnerError(f"-p {name}: value {value!r} is not valid YAML ({exc})") from exc
-    return out
+def source_hash(path: Path) -> str:
+    """Hash of a notebook's cell types and sources (outputs and metadata ignored)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    blob = json.dumps([(c.cell_type, c.source) for c in nb.cells])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def load_params(params_file: str | Path | None, overrides: Mapping[str, Any] = ()) -> dict[str, Any]:
-    """Parameters of a YAML file (a flat mapping), then ``overrides`` on top."""
-    params: dict[str, Any] = {}
-    if params_file is not None:
-        f = Path(params_file)
-        if not f.is_file():
-            raise RunnerError(f"parameter file {f} does not exist")
-        try:
-            loaded = yaml.safe_load(f.read_text())
-        except yaml.YAMLError as exc:
-            raise RunnerError(f"parameter file {f} is not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise RunnerError(f"parameter file {f} must hold a mapping of name: value")
-        bad = [k for k in loaded if not isinstance(k, str)]
-        if bad:
-            raise RunnerError(f"parameter file {f}: names must be strings, got {bad}")
-        params.update(loaded)
-    params.update(dict(overrides))
-    return params
+def _nb_meta(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()).get("metadata", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
-def check_known(params: Mapping[str, Any], notebooks: Iterable[Notebook]) -> None:
-    """Refuse parameter names that no notebook declares, suggesting close matches."""
-    declared = sorted({k for nb in notebooks for k in nb.declared})
-    unknown = [k for k in params if k not in declared]
-    if not unknown:
-        return
-    lines = []
-    for k in unknown:
-        close = difflib.get_close_matches(k, declared, n=3, cutoff=0.6)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        lines.append(f"  {k}{hint}")
-    raise RunnerError("parameters that no notebook declares:\n" + "\n".join(lines)
-                      + f"\nnotebooks declare: {', '.join(declared)}")
+def _exception_flag(executed: Path) -> bool:
+    return bool(_nb_meta(executed).get("papermill", {}).get("exception"))
 
 
-def resolve_paths(params: Mapping[str, Any], base: Path) -> dict[str, Any]:
-    """Make relative path parameters (``*_dir``, ``*_path``, ``*_file``, ``pretrained``) absolute."""
-    out = dict(params)
-    for k, v in params.items():
-        if PATH_KEY_RE.search(k) and isinstance(v, str) and v and not os.path.isabs(v):
-            out[k] = str((base / v).resolve())
-    return out
-
-
-def select(notebooks: Sequence[Notebook], first: int | None, last: int | None) -> list[Notebook]:
-    """Notebooks numbered ``first..last`` (inclusive; ``None`` = open end)."""
-    lo = first if first is not None else -1
-    hi = last if last is not None else 100
-    chosen = [nb for nb in notebooks if lo <= nb.number <= hi]
+def select(first: int | None, last: int | None) -> list[str]:
+    """Stages numbered ``first..last`` (inclusive; ``None`` = open end)."""
+    lo, hi = first if first is not None else 1, last if last is not None else len(STAGES)
+    chosen = [s for s in STAGES.values() if lo <= s.number <= hi]
     if not chosen:
-        have = ", ".join(f"{nb.number:02d}" for nb in notebooks)
-        raise RunnerError(f"no notebook numbered in --from {first} --to {last}; have {have}")
-    return chosen
+        raise RunnerError(f"no stage numbered in --from {first} --to {last}; stages are 1..{len(STAGES)}")
+    return [s.name for s in chosen]
 
 
 # -- provenance ----------------------------------------------------------------
-def code_version(root: Path = REPO_ROOT) -> dict[str, Any] | str:
-    """Git commit and dirty flag of the code, or ``"unknown"`` outside a git checkout."""
+def code_version(root: Path = REPO_ROOT) -> dict[str, Any]:
+    """Git commit and dirty flag (when in a checkout) and the library's content hash."""
+    out: dict[str, Any] = {"library": library_version()}
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                       text=True, check=True).stdout.strip()
+        out["dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                                           text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return {"commit": commit, "dirty": bool(status.strip())}
+        out["commit"] = "unknown"
+    return out
 
 
 def package_versions() -> dict[str, str | None]:
@@ -208,32 +138,13 @@ def package_versions() -> dict[str, str | None]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     tmp.replace(path)
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def report_param_changes(run_json: Path, params: Mapping[str, Any]) -> list[str]:
-    """Print (and return) parameter names whose value differs from the previous run.json."""
-    if not run_json.exists():
-        return []
-    try:
-        old = json.loads(run_json.read_text()).get("params", {})
-    except (json.JSONDecodeError, AttributeError):
-        print(f"note: previous {run_json} is unreadable; ignoring it")
-        return []
-    new = json.loads(json.dumps(dict(params), default=str))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
-        print(f"parameters differ from the previous run in {run_json.parent}:")
-        for k in changed:
-            print(f"  {k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}")
-        print("stages whose inputs changed will clear and recompute their outputs")
-    return changed
 
 
 def check_kernel(name: str = KERNEL) -> str:
@@ -254,47 +165,34 @@ def check_kernel(name: str = KERNEL) -> str:
     return exe
 
 
-# -- privacy -------------------------------------------------------------------
-POLICY_KEYS = ("dataset", "synthetic", "credentialed", "publish_identifiers", "publish_images")
-
-
-def effective(params: Mapping[str, Any], notebooks: Sequence[Notebook], key: str) -> Any:
-    """A parameter's value in this run: given, else the first declaring notebook's default."""
-    if key in params:
-        return params[key]
-    for nb in notebooks:
-        if key in nb.defaults:
-            return nb.defaults[key]
-    return None
-
-
-def privacy_scan(run_path: Path, params: Mapping[str, Any], notebooks: Sequence[Notebook]) -> dict:
-    """Scan a credentialed run's executed notebooks for identifiers and patient images.
-
-    Raises ``RunnerError`` listing what was found. Runs whose notebooks declare
-    no ``dataset`` parameter (not the study's notebooks) are not scanned, and
-    the returned record says so.
-    """
-    from .privacy import Policy, scan_notebook_outputs
-
-    if not any("dataset" in nb.declared for nb in notebooks):
-        return {"scanned": False, "reason": "no notebook declares 'dataset'"}
-    given = {k: effective(params, notebooks, k) for k in POLICY_KEYS}
-    kwargs = {k: v for k, v in given.items() if v is not None}
+def run_status(run: RunDir) -> str | None:
+    """The status in ``run.json``; a run recorded as running whose lock is free was interrupted."""
+    if not run.run_json.exists():
+        return None
     try:
-        policy = Policy.from_params(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise RunnerError(f"privacy parameters: {exc}") from exc
+        status = json.loads(run.run_json.read_text()).get("status")
+    except json.JSONDecodeError:
+        return "unreadable"
+    if status == "running" and not lock_is_held(run.path):
+        return "interrupted"
+    return status
+
+
+# -- privacy -------------------------------------------------------------------
+def privacy_scan(run: RunDir, cfg: Config) -> dict:
+    """Scan a credentialed run's executed notebooks for identifiers and patient images."""
+    from .privacy import scan_notebook_outputs
+
+    policy = run.policy(cfg)
     if not policy.credentialed:
         return {"scanned": False, "credentialed": False}
     if policy.publish_identifiers and policy.publish_images:
         return {"scanned": False, "credentialed": True,
                 "reason": "publish_identifiers and publish_images are both true"}
-    cohort = run_path / "01_cohort" / "cohort.parquet"
+    cohort = run.stage_dir("01_cohort") / "cohort.parquet"
     if not cohort.exists():
         raise RunnerError(f"credentialed run: cannot scan the notebooks without {cohort}")
-    found = scan_notebook_outputs(run_path / "executed", cohort,
-                                  allow_ids=policy.publish_identifiers,
+    found = scan_notebook_outputs(run.path / "executed", cohort, allow_ids=policy.publish_identifiers,
                                   allow_images=policy.publish_images)
     if found:
         shown = "\n".join(f"  {f}" for f in found[:20])
@@ -304,158 +202,351 @@ def privacy_scan(run_path: Path, params: Mapping[str, Any], notebooks: Sequence[
     return {"scanned": True, "credentialed": True, "findings": 0}
 
 
+# -- planning -------------------------------------------------------------------------
+def _executed_ok(run: RunDir, stage: str, fp: str, src_hash: str | None) -> bool:
+    ex = run.executed(stage)
+    if not ex.exists() or _exception_flag(ex):
+        return False
+    meta = _nb_meta(ex).get("d3m", {})
+    return meta.get("fingerprint") == fp and (src_hash is None or meta.get("source") == src_hash)
+
+
+def find_source(target: RunDir, stage: str, fp: str) -> RunDir | None:
+    """A sibling run folder holding ``stage`` current with fingerprint ``fp``."""
+    parent = target.path.parent
+    if not parent.is_dir():
+        return None
+    for d in sorted(parent.iterdir()):
+        if d == target.path or not (d / stage / "manifest.json").is_file():
+            continue
+        other = RunDir(d)
+        try:
+            m = other.manifest(stage)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if m.get("fingerprint") == fp and other.state(stage, fp) == "current" \
+                and _executed_ok(other, stage, fp, None):
+            return other
+    return None
+
+
+def plan(cfg: Config, target: RunDir, chosen: Sequence[str], notebooks: Sequence[Notebook],
+         replace: bool = False) -> list[dict]:
+    """What happens to each stage: ``keep``, ``link`` (from a sibling run) or ``compute``."""
+    fps = expected_fingerprints(cfg)
+    src = {nb.stage: source_hash(nb.path) for nb in notebooks}
+    steps, computing = [], set()
+    needed = {u for c in chosen for u in _upstream_closure(c)}
+    for name, spec in STAGES.items():
+        fp = fps[name]
+        state = target.state(name, fp)
+        upstream_changes = any(u in computing for u in spec.needs)
+        if state == "current" and not upstream_changes and _executed_ok(target, name, fp, src[name]):
+            steps.append(dict(stage=name, action="keep", reason="current", fingerprint=fp))
+            continue
+        source = None if upstream_changes else find_source(target, name, fp)
+        if source is not None and (name not in chosen or
+                                   _executed_ok(source, name, fp, src[name])):
+            steps.append(dict(stage=name, action="link", reason=f"same fingerprint in {source.path}",
+                              source=str(source.path), fingerprint=fp))
+            continue
+        if name not in chosen:
+            if name in needed and state != "current":
+                why = {"missing": "it has not been run", "incomplete": "it did not finish",
+                       "stale": "; ".join(target.problems(name))}.get(state) or target.why_outdated(name, cfg)
+                raise RunnerError(f"stage {name} is needed by the selected stages but is not current in "
+                                  f"{target.path} ({why}); include it (--from {spec.number})")
+            steps.append(dict(stage=name, action="skip", reason=state if state != "current" else
+                              "not selected", fingerprint=fp))
+            continue
+        if state == "missing":
+            reason = "not computed yet"
+        elif state == "incomplete":
+            reason = "resuming an interrupted stage" if (target.manifest(name) or {}).get(
+                "fingerprint") == fp else "did not finish"
+        elif state == "current":
+            reason = "its notebook changed" if not upstream_changes else "an upstream stage is recomputed"
+        else:
+            reason = target.why_outdated(name, cfg)
+        old = target.manifest(name)
+        if old is not None and old.get("params") != cfg.for_stage(name) and not replace:
+            raise RunnerError(f"stage {name} in {target.path} holds results for other parameters "
+                              f"({target.why_outdated(name, cfg)})")
+        computing.add(name)
+        steps.append(dict(stage=name, action="compute", reason=reason, fingerprint=fp))
+    return steps
+
+
+def _upstream_closure(name: str) -> set[str]:
+    out: set[str] = set()
+    for u in STAGES[name].needs:
+        out |= {u} | _upstream_closure(u)
+    return out
+
+
+def print_plan(steps: Sequence[dict], target: RunDir) -> None:
+    print(f"plan for {target.path}:")
+    for s in steps:
+        what = {"keep": "keep   ", "link": "reuse  ", "compute": "compute", "skip": "skip   "}[s["action"]]
+        print(f"  {s['stage']:<18} {what}  {s['reason']}", flush=True)
+
+
 # -- running -------------------------------------------------------------------
-def _exception_flag(executed: Path) -> bool:
-    import nbformat
-
-    nb = nbformat.read(executed, as_version=4)
-    return bool(nb.metadata.get("papermill", {}).get("exception"))
-
-
-def _kernel_env() -> dict[str, str]:
-    """Environment for the kernels: this d3m_lib first on PYTHONPATH (absolute paths only,
-    since kernels start in the notebooks' folder)."""
+def _kernel_env(token: str) -> dict[str, str]:
+    """Environment of the kernels: this d3m_lib first on PYTHONPATH, and the run's lock token."""
     env = dict(os.environ)
     parts = [str(REPO_ROOT)] + [str(Path(p).resolve()) for p in
                                 env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    env[LOCK_ENV] = token
     return env
 
 
-def _execute(chosen: Sequence[Notebook], params: Mapping[str, Any], run_path: Path,
-             record: dict, progress: bool) -> None:
-    """Run the notebooks in order, updating run.json; raise ``RunnerError`` at the first failure."""
+def execute_notebook(src: Path, out: Path, parameters: Mapping[str, Any], progress: bool = False) -> None:
+    """papermill, with the failing cell and exception named in a ``RunnerError``."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    run_json = run_path / "run.json"
-    for nb in chosen:
-        out = run_path / "executed" / nb.path.name
-        nb_params = {k: v for k, v in params.items() if k in nb.declared}
-        entry = {"notebook": nb.name, "params": sorted(nb_params), "started_at": _now(),
-                 "status": "running"}
-        record["notebooks"].append(entry)
-        _write_json(run_json, record)
-        print(f"[{nb.name}] running ...", flush=True)
-        t0 = time.perf_counter()
-        failure = None
-        try:
-            papermill.execute_notebook(str(nb.path), str(out), parameters=nb_params,
-                                       kernel_name=KERNEL, cwd=str(nb.path.parent),
-                                       progress_bar=progress)
-        except PapermillExecutionError as exc:
-            first_line = next((ln for ln in str(exc.source).splitlines() if ln.strip()), "")
-            failure = (f"notebook {nb.name} failed in cell In [{exc.exec_count}] "
-                       f"(cell index {exc.cell_index}, starting {first_line.strip()[:80]!r}): "
-                       f"{exc.ename}: {exc.evalue}")
-        except Exception as exc:  # kernel death, timeout, unreadable notebook ...
-            failure = f"notebook {nb.name} could not be executed: {type(exc).__name__}: {exc}"
-        if failure is None and (not out.exists() or _exception_flag(out)):
-            failure = f"notebook {nb.name} recorded an exception (papermill.exception is set)"
-        seconds = round(time.perf_counter() - t0, 2)
-        entry.update(finished_at=_now(), seconds=seconds,
-                     status="failed" if failure else "complete")
-        if failure:
-            entry["error"] = failure
-            record.update(status="failed", finished_at=_now())
-            _write_json(run_json, record)
-            raise RunnerError(f"{failure}\n  executed copy with the traceback: {out}\n"
-                              f"  later notebooks were not run")
-        _write_json(run_json, record)
-        print(f"[{nb.name}] done in {seconds:.1f} s", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failure = None
+    try:
+        papermill.execute_notebook(str(src), str(out), parameters=dict(parameters), kernel_name=KERNEL,
+                                   cwd=str(src.parent), progress_bar=progress)
+    except PapermillExecutionError as exc:
+        first_line = next((ln for ln in str(exc.source).splitlines() if ln.strip()), "")
+        failure = (f"notebook {src.stem} failed in cell In [{exc.exec_count}] "
+                   f"(cell index {exc.cell_index}, starting {first_line.strip()[:80]!r}): "
+                   f"{exc.ename}: {exc.evalue}")
+    except Exception as exc:  # kernel death, timeout, unreadable notebook ...
+        failure = f"notebook {src.stem} could not be executed: {type(exc).__name__}: {exc}"
+    if failure is None and (not out.exists() or _exception_flag(out)):
+        failure = f"notebook {src.stem} recorded an exception (papermill.exception is set)"
+    if failure:
+        raise RunnerError(f"{failure}\n  executed copy with the traceback: {out}")
+
+
+def _stamp(executed: Path, stage: str, fp: str, src: str) -> None:
+    """Record in the executed notebook which stage fingerprint and notebook source it shows."""
+    nb = json.loads(executed.read_text())
+    nb.setdefault("metadata", {})["d3m"] = {"stage": stage, "fingerprint": fp, "source": src}
+    executed.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
+def _print_stage_report(run: RunDir, stage: str) -> None:
+    """Lines a stage left for the terminal in its manifest (``summary.terminal``)."""
+    lines = ((run.manifest(stage) or {}).get("summary") or {}).get("terminal") or []
+    for ln in lines:
+        print(f"  {ln}", flush=True)
+
+
+def resolve_config(params_file: str | Path | None, overrides: Mapping[str, Any],
+                   base: Path) -> tuple[Config, Any]:
+    """The checked configuration of a run, and the run_dir the file names (if any)."""
+    values = cfgmod.read_params_file(params_file) if params_file is not None else {}
+    values.update(dict(overrides))
+    run_dir = values.pop("run_dir", None)
+    return cfgmod.resolve(values, base=base), run_dir
 
 
 def run(params_file: str | Path | None, *, run_dir: str | Path | None = None,
         overrides: Mapping[str, Any] = (), first: int | None = None, last: int | None = None,
-        notebooks_dir: str | Path | None = None, progress: bool = False) -> Path:
-    """Execute the selected notebooks in order; return the run folder.
+        notebooks_dir: str | Path | None = None, progress: bool = False, replace: bool = False) -> Path:
+    """Check the configuration, plan, execute the stages to compute; return the run folder.
 
-    Raises ``RunnerError`` before anything runs when a parameter is declared by
-    no notebook, and stops at the first failing notebook with a message naming
-    it, the cell and the exception.
+    Every parameter name and value is checked before anything is written. A run
+    folder configured with other parameters is never changed unless ``replace``.
     """
     base = Path.cwd()
-    params = load_params(params_file, overrides)
-    yaml_run_dir = params.pop("run_dir", None)
+    try:
+        cfg, yaml_run_dir = resolve_config(params_file, overrides, base)
+    except ConfigError as exc:
+        raise RunnerError(str(exc)) from None
+    run_dir = run_dir or yaml_run_dir or (Path("runs") / Path(params_file).stem if params_file else None)
     if run_dir is None:
-        run_dir = yaml_run_dir
-    if run_dir is None:
-        if params_file is None:
-            raise RunnerError("give a parameter file or --run-dir")
-        run_dir = Path("runs") / Path(params_file).stem
-    run_path = (base / run_dir).resolve()
-
-    notebooks = discover(notebooks_dir or default_notebooks_dir())
-    check_known(params, notebooks)
-    chosen = select(notebooks, first, last)
+        raise RunnerError("give a parameter file or --run-dir")
+    target = RunDir(base / run_dir)
+    chosen = select(first, last)
+    notebooks = study_notebooks(notebooks_dir)
     kernel_python = check_kernel()
-    params = resolve_paths(params, base)
-    params["run_dir"] = str(run_path)
 
-    run_path.mkdir(parents=True, exist_ok=True)
-    (run_path / "executed").mkdir(exist_ok=True)
-    run_json = run_path / "run.json"
-    report_param_changes(run_json, params)
+    try:
+        old_cfg = target.config()
+    except ConfigError as exc:
+        raise RunnerError(str(exc)) from None
+    if old_cfg is None and target.path.exists() and any(target.stage_dir(s).exists() for s in STAGES):
+        raise RunnerError(f"{target.path} has stage folders but no config.json (made by an older "
+                          f"d3m_lib); choose a new --run-dir")
+    changed = {k: v for k, v in (cfg.diff(old_cfg).items() if old_cfg else [])
+               if cfgmod.BY_NAME[k].kind == "stage"}
+    if changed and not replace:
+        said = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise RunnerError(f"{target.path} holds a run with other parameters ({said}). Nothing was changed.\n"
+                          f"  keep it: choose a new folder, e.g. --run-dir {target.path.parent.name}/"
+                          f"{target.path.name}-2 (unchanged stages are linked, not recomputed)\n"
+                          f"  or overwrite it in place: add --replace")
+    try:
+        lock = acquire_lock(target.path, "python -m d3m_lib run")
+    except RunBusyError as exc:
+        raise RunnerError(str(exc)) from None
+    try:
+        return _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock, replace,
+                           progress)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock, replace, progress):
+    previous = run_status(target)
+    if previous == "interrupted":
+        print(f"note: the previous run in {target.path} was interrupted")
+        rec = json.loads(target.run_json.read_text())
+        rec["status"] = "interrupted"
+        _write_json(target.run_json, rec)
+    steps = plan(cfg, target, chosen, notebooks, replace)
+    print_plan(steps, target)
+    by_stage = {nb.stage: nb for nb in notebooks}
     record: dict[str, Any] = {
         "params_file": str(Path(params_file).resolve()) if params_file else None,
-        "params": params,
-        "selected": [nb.name for nb in chosen],
-        "code_version": code_version(),
-        "versions": package_versions(),
-        "kernel_python": kernel_python,
-        "host": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                 "machine": platform.machine()},
-        "started_at": _now(),
-        "status": "running",
-        "notebooks": [],
+        "config": cfg.to_dict(), "plan": steps, "selected": chosen, "code_version": code_version(),
+        "versions": package_versions(), "kernel_python": kernel_python,
+        "host": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine()},
+        "started_at": _now(), "status": "running", "notebooks": [],
     }
-    _write_json(run_json, record)
+    target.path.mkdir(parents=True, exist_ok=True)
+    _write_json(target.run_json, record)
+    target.write_config(cfg)
 
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    old_handler = signal.signal(signal.SIGTERM, on_term)
     saved_env = dict(os.environ)
-    os.environ.update(_kernel_env())  # papermill's kernels inherit this environment
+    os.environ.update(_kernel_env(lock.token))
+    entry: dict[str, Any] = {}
     try:
-        _execute(chosen, params, run_path, record, progress)
+        for step in steps:
+            name = step["stage"]
+            if step["action"] == "link":
+                target.adopt(name, RunDir(step["source"]))
+            if step["action"] == "compute":
+                old = target.manifest(name)
+                if old is not None and old.get("params") != cfg.for_stage(name):  # replace: asked for
+                    shutil.rmtree(target.stage_dir(name))
+                    marked = target.mark_stale(name, f"{name} was replaced")
+                    print(f"[{name}] replacing in place (--replace)"
+                          + (f"; marked stale: {', '.join(marked)}" if marked else ""), flush=True)
+                nb = by_stage[name]
+                entry = {"notebook": nb.name, "started_at": _now(), "status": "running"}
+                record["notebooks"].append(entry)
+                _write_json(target.run_json, record)
+                print(f"[{nb.name}] running ...", flush=True)
+                t0 = time.perf_counter()
+                out = target.executed(name)
+                try:
+                    execute_notebook(nb.path, out, {"run_dir": str(target.path)}, progress)
+                except RunnerError as exc:
+                    entry.update(status="failed", error=str(exc), finished_at=_now())
+                    raise
+                m = target.manifest(name) or {}
+                if not m.get("complete") or m.get("fingerprint") != step["fingerprint"]:
+                    entry.update(status="failed", finished_at=_now())
+                    raise RunnerError(f"notebook {nb.name} finished but stage {name} is not complete with "
+                                      f"this run's configuration (fingerprint {m.get('fingerprint')} != "
+                                      f"{step['fingerprint']}); see {out}")
+                _stamp(out, name, step["fingerprint"], source_hash(nb.path))
+                entry.update(status="complete", finished_at=_now(),
+                             seconds=round(time.perf_counter() - t0, 2))
+                _write_json(target.run_json, record)
+                print(f"[{nb.name}] done in {entry['seconds']:.1f} s", flush=True)
+                _print_stage_report(target, name)
+        record["privacy"] = privacy_scan(target, cfg)
+    except KeyboardInterrupt:
+        if entry.get("status") == "running":
+            entry.update(status="interrupted", finished_at=_now())
+        record.update(status="interrupted", finished_at=_now())
+        _write_json(target.run_json, record)
+        raise
+    except RunnerError as exc:
+        record.update(status="failed", finished_at=_now(), error=str(exc))
+        _write_json(target.run_json, record)
+        raise
     finally:
+        signal.signal(signal.SIGTERM, old_handler)
         os.environ.clear()
         os.environ.update(saved_env)
+    problems = stage_problems(target, cfg, notebooks)
+    record.update(status="complete" if not problems else "partial", finished_at=_now(),
+                  not_current=problems)
+    _write_json(target.run_json, record)
+    if problems:
+        print("not every stage is current in this run folder (the book needs all of them):")
+        for p in problems:
+            print(f"  {p}")
+    return target.path
 
-    try:
-        record["privacy"] = privacy_scan(run_path, params, notebooks)
-    except RunnerError as exc:
-        record.update(status="failed", finished_at=_now(), privacy={"error": str(exc)})
-        _write_json(run_json, record)
-        raise
-    record.update(status="complete", finished_at=_now())
-    _write_json(run_json, record)
-    return run_path
+
+def stage_problems(run: RunDir, cfg: Config, notebooks: Sequence[Notebook]) -> list[str]:
+    """Why each stage would not belong in this run's book (empty: every stage is current)."""
+    fps = expected_fingerprints(cfg)
+    out = []
+    for nb in notebooks:
+        name, fp = nb.stage, fps[nb.stage]
+        state = run.state(name, fp)
+        if state == "missing":
+            out.append(f"{name}: not run")
+        elif state == "incomplete":
+            out.append(f"{name}: did not finish")
+        elif state == "stale":
+            out.append(f"{name}: stale ({'; '.join(run.problems(name))})")
+        elif state == "outdated":
+            out.append(f"{name}: outdated ({run.why_outdated(name, cfg)})")
+        elif not run.executed(name).exists():
+            out.append(f"{name}: its notebook was not executed into {run.path / 'executed'}")
+        elif _exception_flag(run.executed(name)):
+            out.append(f"{name}: its executed notebook recorded an exception")
+        elif _nb_meta(run.executed(name)).get("d3m", {}).get("fingerprint") != fp:
+            out.append(f"{name}: the executed notebook shows another computation of this stage "
+                       f"(re-run the stage with the runner)")
+    return out
 
 
 # -- book ------------------------------------------------------------------------
 def assemble_book(run_dir: str | Path, *, notebooks_dir: str | Path | None = None,
-                  book_root: str | Path = REPO_ROOT) -> Path:
+                  book_root: str | Path = REPO_ROOT, study: bool = True) -> Path:
     """Copy the book pages and the executed notebooks into ``<run_dir>/book_src``.
 
-    Refuses when a numbered notebook was not executed into this run, or was
-    executed with an exception.
+    For a study run (``study=True``) every stage must be current: refused otherwise,
+    naming each stage and why. ``study=False`` builds any folder of numbered
+    notebooks executed into ``<run_dir>/executed`` (used by the tests of the book).
     """
-    run_path = Path(run_dir).resolve()
+    run = RunDir(run_dir)
     root = Path(book_root)
-    notebooks = discover(notebooks_dir or default_notebooks_dir())
-    executed = run_path / "executed"
-    problems = []
-    for nb in notebooks:
-        ex = executed / nb.path.name
-        if not ex.exists():
-            problems.append(f"  {nb.name}: not executed in this run ({ex} missing)")
-        elif _exception_flag(ex):
-            problems.append(f"  {nb.name}: executed with an exception (see {ex})")
-    if problems:
-        raise RunnerError(f"cannot build the book from {run_path}:\n" + "\n".join(problems))
-    run_json = run_path / "run.json"
-    params = json.loads(run_json.read_text()).get("params", {}) if run_json.exists() else {}
-    privacy_scan(run_path, params, notebooks)  # the notebooks may have been re-run since
-
-    src = run_path / "book_src"
+    if study:
+        try:
+            cfg = run.config()
+        except ConfigError as exc:
+            raise RunnerError(str(exc)) from None
+        if cfg is None:
+            raise RunnerError(f"cannot build the book from {run.path}: no config.json (not a run folder)")
+        notebooks = study_notebooks(notebooks_dir)
+        status = run_status(run)
+        problems = stage_problems(run, cfg, notebooks)
+        if status in ("running",):
+            problems.insert(0, "a run is still writing this folder")
+        if problems:
+            raise RunnerError(f"cannot build the book from {run.path}:\n"
+                              + "\n".join(f"  {p}" for p in problems))
+        try:
+            privacy_scan(run, cfg)   # the notebooks may have been re-run since
+        except RunnerError:
+            raise
+        names = [nb.path.name for nb in notebooks]
+    else:
+        names = sorted(p.name for p in Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+        missing = [n for n in names if not (run.path / "executed" / n).exists()]
+        if missing:
+            raise RunnerError(f"cannot build the book from {run.path}:\n"
+                              + "\n".join(f"  {n[:-6]}: not executed in this run" for n in missing))
+    src = run.path / "book_src"
     if src.exists():
         shutil.rmtree(src)
     src.mkdir(parents=True)
@@ -468,19 +559,20 @@ def assemble_book(run_dir: str | Path, *, notebooks_dir: str | Path | None = Non
             raise RunnerError(f"book folder {root / name} is missing")
         shutil.copytree(root / name, src / name)
     (src / "notebooks").mkdir()
-    for nb in notebooks:
-        shutil.copy2(executed / nb.path.name, src / "notebooks" / nb.path.name)
+    for n in names:
+        shutil.copy2(run.path / "executed" / n, src / "notebooks" / n)
     return src
 
 
 def build_book(run_dir: str | Path, *, out: str | Path | None = None,
-               notebooks_dir: str | Path | None = None, book_root: str | Path = REPO_ROOT) -> Path:
+               notebooks_dir: str | Path | None = None, book_root: str | Path = REPO_ROOT,
+               study: bool = True) -> Path:
     """Build the Jupyter Book of a run with warnings as errors; return the path of index.html.
 
     The HTML lands in ``<out>/_build/html`` (``out`` defaults to ``<run_dir>/book``).
     """
     run_path = Path(run_dir).resolve()
-    src = assemble_book(run_path, notebooks_dir=notebooks_dir, book_root=book_root)
+    src = assemble_book(run_path, notebooks_dir=notebooks_dir, book_root=book_root, study=study)
     out_path = Path(out).resolve() if out else run_path / "book"
     cmd = [sys.executable, "-c",
            "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
@@ -502,3 +594,11 @@ def build_book(run_dir: str | Path, *, out: str | Path | None = None,
     if not index.exists():
         raise RunnerError(f"jupyter-book reported success but {index} is missing; see {log}")
     return index
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    try:
+        return cfgmod.parse_overrides(items)
+    except ConfigError as exc:
+        raise RunnerError(str(exc)) from None
+

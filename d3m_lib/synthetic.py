@@ -792,7 +792,7 @@ def planted_ground_truth(run, override: str | Path | None = None) -> pd.DataFram
     """The planted ground truth of the run's synthetic cohort, or None on real data.
 
     ``run`` is a ``RunDir``; the cohort's folder comes from stage 01's manifest
-    (``summary.synthetic_dir``). ``override`` names the file explicitly. A
+    (``summary.synthetic_dir``, relative to the run folder when it lies inside). ``override`` names the file explicitly. A
     synthetic cohort without its ground-truth file is an error, not a silent skip.
     """
     if override:
@@ -803,7 +803,7 @@ def planted_ground_truth(run, override: str | Path | None = None) -> pd.DataFram
     summary = (run.manifest("01_cohort") or {}).get("summary", {})
     if not summary.get("synthetic"):
         return None
-    path = Path(summary["synthetic_dir"]) / GROUND_TRUTH_FILE
+    path = run.path / summary["synthetic_dir"] / GROUND_TRUTH_FILE  # relative to the run (or absolute)
     if not path.exists():
         raise FileNotFoundError(f"the run's cohort is synthetic but {path} is missing; "
                                 "re-run notebook 01 or pass synthetic_ground_truth")

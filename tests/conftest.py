@@ -105,10 +105,19 @@ def tiny_book():
 @pytest.fixture(scope="session")
 def built_tiny_book(tmp_path_factory):
     """The tiny book run (n = 3) and built once: (run_dir, html_dir)."""
-    from d3m_lib.runner import build_book, run
+    from d3m_lib.runner import build_book
 
     tmp = tmp_path_factory.mktemp("tinybook")
     root, nbs = make_tiny_book(tmp, CROSS_PAGE_INTRO)
-    run_dir = run(None, run_dir=tmp / "run", overrides={"n": 3}, notebooks_dir=nbs)
-    index = build_book(run_dir, notebooks_dir=nbs, book_root=root)
+    run_dir = execute_tiny(nbs, tmp / "run", n=3)
+    index = build_book(run_dir, notebooks_dir=nbs, book_root=root, study=False)
     return run_dir, index.parent
+
+
+def execute_tiny(nbs: Path, run_dir: Path, **params) -> Path:
+    """Execute every notebook of a tiny book into ``<run_dir>/executed`` with papermill."""
+    from d3m_lib.runner import execute_notebook
+
+    for nb in sorted(nbs.glob("*.ipynb")):
+        execute_notebook(nb, run_dir / "executed" / nb.name, {"run_dir": str(run_dir), **params})
+    return run_dir

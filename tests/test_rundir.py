@@ -1,75 +1,235 @@
-"""The run folder: stage manifests, resume, and the stale-artifact guard."""
+"""The run folder: fingerprints, transitive staleness, forks, replace, the lock, privacy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from d3m_lib.rundir import RunDir, StaleArtifactError, fingerprint
+from d3m_lib import config, rundir
+from d3m_lib.config import ConfigError
+from d3m_lib.rundir import (RunBusyError, RunDir, StaleArtifactError, acquire_lock, expected_fingerprints,
+                            fingerprint, open_stage)
 
 
-def test_fingerprint_depends_on_params_and_upstream():
-    a = fingerprint({"x": 1}, {})
-    assert a == fingerprint({"x": 1}, {})
-    assert a != fingerprint({"x": 2}, {})
-    assert a != fingerprint({"x": 1}, {"01": "abc"})
-    # key order does not matter
-    assert fingerprint({"a": 1, "b": 2}, {}) == fingerprint({"b": 2, "a": 1}, {})
+def finish_all(run_dir, upto="07_error_analysis", **overrides):
+    """Open and finish every stage up to ``upto`` (a fake run: one file per stage)."""
+    for name in rundir.STAGES:
+        st = open_stage(name, run_dir, overrides=overrides if name == "01_cohort" else None)
+        st.path("out.txt").write_text(name)
+        st.finish({"data": {"dataset": "mimic", "synthetic": True}} if name == "01_cohort" else {})
+        if name == upto:
+            break
 
 
-def test_require_refuses_missing_and_unfinished_stage(tmp_path):
-    run = RunDir(tmp_path)
-    with pytest.raises(StaleArtifactError, match="'01_cohort' has not been run"):
-        run.require("01_cohort")
-    run.begin("01_cohort", {"seed": 0})
-    with pytest.raises(StaleArtifactError, match="did not finish"):
-        run.require("01_cohort")
+def test_fingerprint_covers_params_upstream_and_code():
+    a = fingerprint({"x": 1}, {}, "c1")
+    assert a == fingerprint({"x": 1}, {}, "c1")
+    assert len({a, fingerprint({"x": 2}, {}, "c1"), fingerprint({"x": 1}, {"01": "f"}, "c1"),
+                fingerprint({"x": 1}, {}, "c2")}) == 4
+    assert fingerprint({"a": 1, "b": 2}, {}, "c") == fingerprint({"b": 2, "a": 1}, {}, "c")
 
 
-def test_same_params_resume_keeps_files(tmp_path):
-    run = RunDir(tmp_path)
-    st = run.begin("03_baseline", {"seed": 0})
-    st.path("seed0", "epoch_01.pt").write_text("w")
-    again = run.begin("03_baseline", {"seed": 0})
-    assert again.path("seed0", "epoch_01.pt").read_text() == "w"
-    assert run.manifest("03_baseline")["resumed"] is True
+def test_expected_fingerprints_follow_each_parameter_downstream_only():
+    base = config.resolve({})
+    fps = expected_fingerprints(base, code="c")
+    beta = expected_fingerprints(base.with_overrides({"d3m_beta": 2.0}), code="c")
+    changed = [s for s in rundir.STAGES if fps[s] != beta[s]]
+    assert changed == ["05_d3m", "06_per_race", "07_error_analysis"]
+    size = expected_fingerprints(base.with_overrides({"image_size": 16}), code="c")
+    assert all(fps[s] != size[s] for s in rundir.STAGES)
+    # view parameters change no fingerprint
+    assert expected_fingerprints(base.with_overrides({"publish_images": True}), code="c") == fps
+    assert expected_fingerprints(base, code="other") != fps
 
 
-def test_changed_params_clear_stage_and_say_why(tmp_path, capsys):
-    run = RunDir(tmp_path)
-    st = run.begin("03_baseline", {"seed": 0, "lr": 0.1})
-    st.path("old.txt").write_text("old")
+def test_require_refuses_missing_unfinished_and_transitively_stale(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(StaleArtifactError, match="stage 01_cohort has not been run"):
+        RunDir(run_dir).require("01_cohort")
+    finish_all(run_dir, upto="05_d3m")
+    run = RunDir(run_dir)
+    assert run.require("05_d3m") == run_dir.resolve() / "05_d3m"
+    # re-run stage 02 in place with another scan_top_k: 03 and 04 and 05 are all stale now
+    st = open_stage("02_scan", run_dir, overrides={"scan_top_k": 1}, replace=True)
     st.finish()
-    st2 = run.begin("03_baseline", {"seed": 0, "lr": 0.2})
-    assert not (st2.dir / "old.txt").exists()
-    assert "parameters changed: lr" in capsys.readouterr().out
-    assert run.manifest("03_baseline")["complete"] is False
+    with pytest.raises(StaleArtifactError, match="05_d3m is stale"):
+        run.require("05_d3m")
+    for name in ("03_baseline", "04_trak", "05_d3m"):
+        assert run.state(name) == "stale"
+    assert (run_dir / "05_d3m" / "out.txt").read_text() == "05_d3m"   # marked, never deleted
 
 
-def test_downstream_is_stale_after_upstream_rerun(tmp_path):
-    run = RunDir(tmp_path)
-    run.begin("01_cohort", {"uncertain_labels": "negative"}).finish()
-    run.begin("02_scan", {"k": 3}, needs=["01_cohort"]).finish()
-    assert run.require("02_scan") == tmp_path / "02_scan"
-    # re-running the cohort with another label policy invalidates the scan
-    run.begin("01_cohort", {"uncertain_labels": "drop"}).finish()
-    with pytest.raises(StaleArtifactError, match="earlier version of stage '01_cohort'"):
-        run.require("02_scan")
-    # and a stage that needs the stale one cannot begin
-    with pytest.raises(StaleArtifactError):
-        run.begin("03_baseline", {}, needs=["02_scan"])
-    # re-running the scan itself makes it current again
-    run.begin("02_scan", {"k": 3}, needs=["01_cohort"]).finish()
-    assert run.require("02_scan").name == "02_scan"
+def test_stale_chain_is_found_without_a_stale_mark(tmp_path):
+    """A stage whose upstream-of-upstream moved on is refused (the guard looks all the way back)."""
+    run_dir = tmp_path / "run"
+    finish_all(run_dir, upto="05_d3m")
+    run = RunDir(run_dir)
+    m = run.manifest("02_scan")
+    m["fingerprint"] = "moved-on"
+    run._write_manifest("02_scan", m)
+    with pytest.raises(StaleArtifactError, match="earlier version of stage 02_scan"):
+        run.require("05_d3m")
 
 
-def test_finish_records_summary(tmp_path):
-    run = RunDir(tmp_path)
-    run.begin("01_cohort", {}).finish({"n_images": 12})
+def test_changed_parameter_writes_a_fork_and_keeps_the_original(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    finish_all(run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    st = open_stage("05_d3m", run_dir, overrides={"d3m_weighting": "linear"})
+    fork = tmp_path / "demo+d3m_weighting=linear"
+    assert st.run.path == fork.resolve()
+    assert "writing this stage to" in capsys.readouterr().out
+    st.path("out.txt").write_text("linear")
+    st.finish()
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before                                   # nothing in the original changed
+    assert RunDir(fork).config().d3m_weighting == "linear"
+    assert RunDir(run_dir).config().d3m_weighting == "softmax"
+    # upstream stages are hard links, not copies
+    assert os.stat(fork / "04_trak" / "out.txt").st_ino == os.stat(run_dir / "04_trak" / "out.txt").st_ino
+    assert RunDir(fork).require("05_d3m")
+    # the same override again resumes in the same fork
+    assert open_stage("05_d3m", run_dir, overrides={"d3m_weighting": "linear"}).run.path == fork.resolve()
+
+
+def test_replace_overwrites_in_place_and_marks_later_stages_stale(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    finish_all(run_dir)
+    st = open_stage("05_d3m", run_dir, overrides={"d3m_beta": 5.0}, replace=True)
+    out = capsys.readouterr().out
+    assert "replacing this stage in place" in out and "06_per_race, 07_error_analysis" in out
+    assert not (run_dir / "05_d3m" / "out.txt").exists()
+    st.finish()
+    run = RunDir(run_dir)
+    assert run.config().d3m_beta == 5.0
+    assert run.state("06_per_race") == "stale" and run.state("05_d3m") == "current"
+
+
+def test_overriding_a_parameter_of_an_earlier_stage_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    finish_all(run_dir, upto="04_trak")
+    with pytest.raises(ConfigError, match="arch also shapes 02_scan, 03_baseline, 04_trak, already computed"):
+        open_stage("05_d3m", run_dir, overrides={"arch": "resnet50"})
+    with pytest.raises(ConfigError, match="stage 05_d3m does not read scan_top_k"):
+        open_stage("05_d3m", run_dir, overrides={"scan_top_k": 1})
+    with pytest.raises(ConfigError, match="'d3m_k' must be set"):
+        open_stage("05_d3m", run_dir, overrides={"d3m_selection": "k_lowest"})
+    assert not (run_dir / "05_d3m").exists()
+
+
+def test_notebook_namespace_gives_only_its_listed_parameters(tmp_path):
+    run_dir = tmp_path / "run"
+    finish_all(run_dir, upto="04_trak")
+    ns = {"run_dir": str(run_dir), "replace": False, "d3m_beta": None, "findings": ["Edema"], "seeds": [9]}
+    st = open_stage("05_d3m", run_dir, namespace=ns)       # findings/seeds are not 05's: ignored
+    assert st.run.path == run_dir.resolve() and st.cfg.seeds == [0, 1, 2]
+
+
+def test_code_change_recomputes_the_stage_in_place(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    finish_all(run_dir, upto="01_cohort")
+    monkeypatch.setattr(rundir, "code_version", lambda: "new-code")
+    st = open_stage("01_cohort", run_dir)
+    assert "library code changed" in capsys.readouterr().out
+    assert st.run.path == run_dir.resolve() and not (run_dir / "01_cohort" / "out.txt").exists()
+
+
+def test_files_without_a_manifest_are_refused_not_deleted(tmp_path):
+    run_dir = tmp_path / "run"
+    RunDir(run_dir).write_config(config.resolve({}))
+    (run_dir / "01_cohort").mkdir(parents=True)
+    (run_dir / "01_cohort" / "mine.csv").write_text("x")
+    with pytest.raises(ConfigError, match="holds files but no manifest.json"):
+        open_stage("01_cohort", run_dir)
+    assert (run_dir / "01_cohort" / "mine.csv").exists()
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from d3m_lib.rundir import acquire_lock
+acquire_lock(Path(sys.argv[1]), "test holder")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_while_the_lock_is_held(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert rundir.lock_is_held(run_dir)
+        with pytest.raises(RunBusyError, match=rf"in use by process {proc.pid} \(test holder"):
+            acquire_lock(run_dir, "second")
+        with pytest.raises(RunBusyError):
+            open_stage("01_cohort", run_dir)
+    finally:
+        proc.kill()
+        proc.wait()
+    time.sleep(0.1)
+    assert not rundir.lock_is_held(run_dir)   # a killed holder leaves no lock behind
+    acquire_lock(run_dir, "after").release()
+
+
+def test_a_kernel_of_the_holder_shares_its_lock(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    lock = acquire_lock(run_dir, "runner")
+    try:
+        code = ("import sys; from pathlib import Path; from d3m_lib.rundir import acquire_lock; "
+                "acquire_lock(Path(sys.argv[1]), 'kernel'); print('ok')")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        shared = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True,
+                                env={**env, rundir.LOCK_ENV: lock.token})
+        assert shared.stdout.strip() == "ok", shared.stderr
+        other = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True,
+                               env=env)
+        assert "RunBusyError" in other.stderr
+    finally:
+        lock.release()
+
+
+def test_policy_is_read_from_stage_01_and_fails_closed(tmp_path):
+    run_dir = tmp_path / "run"
+    run = RunDir(run_dir)
+    assert run.policy().credentialed            # nothing known about the data yet: closed
+    st = open_stage("01_cohort", run_dir)
+    st.finish({"data": {"dataset": "mimic", "synthetic": False}})
+    assert run.policy().credentialed and not run.policy().may_show_ids()
     m = run.manifest("01_cohort")
-    assert m["complete"] and m["summary"] == {"n_images": 12}
+    m["summary"]["data"]["synthetic"] = True
+    run._write_manifest("01_cohort", m)
+    assert not run.policy().credentialed
+    real = run.policy(config.resolve({"publish_images": True}))
+    m["summary"]["data"]["synthetic"] = False
+    run._write_manifest("01_cohort", m)
+    assert not real.credentialed and run.policy(config.resolve({"publish_images": True})).may_show_images()
 
 
-def test_files_without_manifest_are_cleared(tmp_path, capsys):
-    (tmp_path / "02_scan").mkdir()
-    (tmp_path / "02_scan" / "stray.csv").write_text("x")
-    RunDir(tmp_path).begin("02_scan", {})
-    assert not (tmp_path / "02_scan" / "stray.csv").exists()
-    assert "without a manifest" in capsys.readouterr().out
+def test_a_view_override_in_one_notebook_is_not_persisted(tmp_path):
+    run_dir = tmp_path / "run"
+    finish_all(run_dir, upto="05_d3m")
+    st = open_stage("06_per_race", run_dir, overrides={"publish_images": True})
+    assert st.run.path == run_dir.resolve() and st.cfg.publish_images
+    assert not RunDir(run_dir).config().publish_images
+
+
+def test_interrupted_run_is_reported_as_interrupted(tmp_path):
+    from d3m_lib.runner import run_status
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.run_json.write_text(json.dumps({"status": "running"}))
+    assert run_status(run) == "interrupted"
+    lock = acquire_lock(run.path, "runner")
+    try:
+        assert run_status(run) == "running"
+    finally:
+        lock.release()

@@ -1,37 +1,49 @@
-"""The papermill runner and the book build, on tiny notebooks made in tmp_path."""
+"""The runner and the book build: checks before work, plans, reuse, refusals, the lock.
+
+The study's seven stages are played by tiny notebooks (one file per stage) so that
+the runner's behaviour is tested in seconds; the real notebooks run in test_book.py.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from conftest import CROSS_PAGE_INTRO
-from d3m_lib import __version__
+from d3m_lib import __version__, rundir
 from d3m_lib.__main__ import main
-from d3m_lib.runner import (RunnerError, assemble_book, build_book, check_known, discover,
-                            load_params, parse_overrides, report_param_changes, run)
+from d3m_lib.runner import RunnerError, assemble_book, build_book, parse_overrides, privacy_scan, run
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# A cell that records which parameters the notebook ended up with.
-RECORD = """
-import json, pathlib
-seen = {{k: globals()[k] for k in ("run_dir", "a", "b", "data_dir") if k in globals()}}
-pathlib.Path(run_dir, "seen_{n}.json").write_text(json.dumps(seen))
+TOY_CELL = """
+from d3m_lib.rundir import open_stage
+stage = open_stage({name!r}, run_dir, namespace=globals(), replace=replace)
+{body}
+stage.path("out.txt").write_text(repr(stage.cfg.for_stage({name!r})))
+stage.finish({summary})
 """
 
 
 @pytest.fixture
-def two_notebooks(tmp_path, make_notebook):
+def toy_notebooks(tmp_path, make_notebook):
+    """One tiny notebook per stage, each listing the parameters its stage owns."""
     nbs = tmp_path / "nbs"
-    make_notebook(nbs / "01_first.ipynb", "run_dir = 'x'\na = 1\ndata_dir = None",
-                  RECORD.format(n="01"))
-    make_notebook(nbs / "02_second.ipynb", "run_dir = 'x'\nb = [0]", RECORD.format(n="02"))
+    for name, spec in rundir.STAGES.items():
+        params = "\n".join(["run_dir = 'x'", "replace = False"] +
+                           [f"{p} = None" for p in rundir.parameters_of(name)])
+        summary = '{"data": {"dataset": stage.cfg.dataset, "synthetic": stage.cfg.synthetic}}' \
+            if name == "01_cohort" else "{}"
+        body = "raise RuntimeError('stage 02 broke')" if name == "02_scan" and os.environ.get("TOY_FAIL") else ""
+        make_notebook(nbs / spec.notebook, params, TOY_CELL.format(name=name, body=body, summary=summary))
     return nbs
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
 def test_parse_overrides_reads_yaml_values():
@@ -41,142 +53,136 @@ def test_parse_overrides_reads_yaml_values():
         parse_overrides(["seeds"])
 
 
-def test_load_params_rejects_non_mapping(tmp_path):
-    f = tmp_path / "p.yaml"
-    f.write_text("- a\n- b\n")
-    with pytest.raises(RunnerError, match="mapping"):
-        load_params(f)
-    f.write_text("a: 1\nb: two\n")
-    assert load_params(f, {"b": 3}) == {"a": 1, "b": 3}
-    with pytest.raises(RunnerError, match="does not exist"):
-        load_params(tmp_path / "missing.yaml")
+BAD = [("seeds=abc", "'seeds' = 'abc': must be a list of integers"),
+       ("d3m_selection=k_lowest", "'d3m_k' must be set when d3m_selection is 'k_lowest'"),
+       ("methods=[randm]", "unknown method\\(s\\) 'randm' \\(did you mean 'random'\\?\\)"),
+       ("findings=[Cardiomegally]", "did you mean 'Cardiomegaly'"),
+       ("ci_level=1.5", "'ci_level' = 1.5: must be < 1"),
+       ("trak_projdim=64", "trak_projdim \\(did you mean trak_proj_dim"),
+       ("trak_checkpoints=[5, 20]", "epochs \\[20\\] do not exist")]
 
 
-def test_unknown_key_is_refused_with_a_suggestion_before_running(tmp_path, two_notebooks):
-    params = tmp_path / "p.yaml"
-    params.write_text("a: 2\nbb: 3\n")
-    run_dir = tmp_path / "run"
-    with pytest.raises(RunnerError) as err:
-        run(params, run_dir=run_dir, notebooks_dir=two_notebooks)
-    msg = str(err.value)
-    assert "bb" in msg and "did you mean b" in msg
-    assert not run_dir.exists(), "nothing may run (or be created) when a parameter is unknown"
-    # the same through the command line: non-zero exit, message on stderr
-    assert main(["run", str(params), "--run-dir", str(run_dir),
-                 "--notebooks", str(two_notebooks), "-p", "a=5"]) == 1
-    assert not run_dir.exists()
+def test_bad_values_are_refused_before_anything_runs_or_is_deleted(tmp_path, toy_notebooks, capsys):
+    done = tmp_path / "done"
+    run(None, run_dir=done, notebooks_dir=toy_notebooks)
+    before = snapshot(done)
+    for override, message in BAD + ([("device=cuda", "no CUDA GPU")] if not _has_cuda() else []):
+        for target in (done, tmp_path / "fresh"):
+            code = main(["run", "--run-dir", str(target), "--notebooks", str(toy_notebooks),
+                         "-p", override, "--replace", _empty_yaml(tmp_path)])
+            assert code == 1, override
+            import re
+            assert re.search(message, capsys.readouterr().err), override
+        assert not (tmp_path / "fresh").exists()
+        assert snapshot(done) == before, f"{override} changed the finished run"
 
 
-def test_discover_checks_the_parameters_cell(tmp_path, make_notebook):
-    nbs = tmp_path / "nbs"
-    nb = nbformat.v4.new_notebook()
-    nb.cells.append(nbformat.v4.new_code_cell("run_dir = 'x'"))
-    nbs.mkdir()
-    nbformat.write(nb, nbs / "01_untagged.ipynb")
-    with pytest.raises(RunnerError, match="01_untagged.ipynb has no cell tagged 'parameters'"):
-        discover(nbs)
-    make_notebook(nbs / "01_untagged.ipynb", "seed = 0")
-    with pytest.raises(RunnerError, match="does not declare run_dir"):
-        discover(nbs)
-    make_notebook(nbs / "01_untagged.ipynb",
-                  "run_dir = 'x'\nk = None  # images to drop with rule = 'k_lowest'")
-    with pytest.raises(RunnerError, match="cannot read the parameter line.*for k"):
-        discover(nbs)
-    make_notebook(nbs / "01_untagged.ipynb", "run_dir = 'x'\nk = None  # images to drop (k_lowest)")
-    assert discover(nbs)[0].declared == ("run_dir", "k")
-    make_notebook(nbs / "01_again.ipynb", "run_dir = 'x'")
-    with pytest.raises(RunnerError, match="share number 01"):
-        discover(nbs)
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
-def test_each_notebook_gets_only_its_declared_parameters_and_run_json(tmp_path, two_notebooks,
-                                                                      monkeypatch):
-    params = tmp_path / "p.yaml"
-    params.write_text("a: 2\nb: [1, 2]\ndata_dir: some/data\n")
-    monkeypatch.chdir(tmp_path)
-    run_path = run(params, run_dir="run", overrides={"a": 7}, notebooks_dir=two_notebooks)
-    assert run_path == (tmp_path / "run").resolve()
-    seen1 = json.loads((run_path / "seen_01.json").read_text())
-    seen2 = json.loads((run_path / "seen_02.json").read_text())
-    # -p wins over the YAML; relative *_dir paths resolve against the starting folder
-    assert seen1 == {"run_dir": str(run_path), "a": 7, "data_dir": str(tmp_path / "some" / "data")}
-    assert seen2 == {"run_dir": str(run_path), "b": [1, 2]}
-    assert sorted(p.name for p in (run_path / "executed").iterdir()) == [
-        "01_first.ipynb", "02_second.ipynb"]
-
-    rec = json.loads((run_path / "run.json").read_text())
-    assert rec["status"] == "complete"
-    assert rec["params"] == {"a": 7, "b": [1, 2], "data_dir": str(tmp_path / "some" / "data"),
-                             "run_dir": str(run_path)}
-    assert [n["notebook"] for n in rec["notebooks"]] == ["01_first", "02_second"]
-    assert all(n["status"] == "complete" and n["seconds"] >= 0 and n["finished_at"]
-               for n in rec["notebooks"])
-    assert rec["notebooks"][0]["params"] == ["a", "data_dir", "run_dir"]
-    assert rec["versions"]["d3m_lib"] == __version__
-    assert {"python", "torch", "traker"} <= set(rec["versions"])
-    assert rec["host"]["cpu_count"] >= 1
-    cv = rec["code_version"]
-    assert cv == "unknown" or (len(cv["commit"]) == 40 and isinstance(cv["dirty"], bool))
-
-
-def test_failing_notebook_stops_the_run_naming_it(tmp_path, make_notebook):
-    nbs = tmp_path / "nbs"
-    make_notebook(nbs / "01_fails.ipynb", "run_dir = 'x'", "x = 1",
-                  "raise ValueError('no images left after exclusions')")
-    make_notebook(nbs / "02_after.ipynb", "run_dir = 'x'", RECORD.format(n="02"))
-    run_dir = tmp_path / "run"
-    with pytest.raises(RunnerError) as err:
-        run(None, run_dir=run_dir, notebooks_dir=nbs)
-    msg = str(err.value)
-    assert "01_fails" in msg and "ValueError" in msg and "no images left" in msg
-    # papermill's injected-parameters cell is In [2]; the failing cell is In [4]
-    assert "In [4]" in msg and "raise ValueError" in msg
-    assert not (run_dir / "executed" / "02_after.ipynb").exists()
-    assert not (run_dir / "seen_02.json").exists()
-    rec = json.loads((run_dir / "run.json").read_text())
-    assert rec["status"] == "failed"
-    assert rec["notebooks"][0]["status"] == "failed" and "ValueError" in rec["notebooks"][0]["error"]
-    # the book refuses a run whose notebook failed
-    with pytest.raises(RunnerError, match="01_fails: executed with an exception"):
-        assemble_book(run_dir, notebooks_dir=nbs)
-
-
-def test_from_to_selects_by_number(tmp_path, make_notebook, capsys):
-    nbs = tmp_path / "nbs"
-    for name in ("01_one", "02_middle", "03_three"):
-        make_notebook(nbs / f"{name}.ipynb", "run_dir = 'x'", RECORD.format(n=name[:2]))
-    run_dir = tmp_path / "run"
-    assert main(["run", str(_empty_yaml(tmp_path)), "--run-dir", str(run_dir),
-                 "--notebooks", str(nbs), "--from", "2", "--to", "2"]) == 0
-    assert [p.name for p in (run_dir / "executed").iterdir()] == ["02_middle.ipynb"]
-    assert (run_dir / "seen_02.json").exists() and not (run_dir / "seen_01.json").exists()
-    assert main(["run", str(_empty_yaml(tmp_path)), "--run-dir", str(run_dir),
-                 "--notebooks", str(nbs), "--from", "5"]) == 1
-    assert "no notebook numbered" in capsys.readouterr().err
-
-
-def _empty_yaml(tmp_path: Path) -> Path:
+def _empty_yaml(tmp_path: Path) -> str:
     f = tmp_path / "empty.yaml"
-    f.write_text("# no parameters: notebook defaults\n")
-    return f
+    f.write_text("# the defaults\n")
+    return str(f)
 
 
-def test_changed_params_are_reported(tmp_path, capsys):
-    (tmp_path / "run.json").write_text(json.dumps({"params": {"a": 1, "b": 2, "gone": 0}}))
-    changed = report_param_changes(tmp_path / "run.json", {"a": 1, "b": 3, "new": [1]})
-    assert changed == ["b", "gone", "new"]
+def test_a_parameter_given_twice_in_a_file_is_refused(tmp_path, toy_notebooks):
+    f = tmp_path / "p.yaml"
+    f.write_text("n_boot: 100\nlr: 0.1\nn_boot: 200\n")
+    with pytest.raises(RunnerError, match="'n_boot' is given twice \\(lines 1 and 3\\)"):
+        run(f, run_dir=tmp_path / "r", notebooks_dir=toy_notebooks)
+
+
+def test_run_plans_keeps_and_records(tmp_path, toy_notebooks, capsys):
+    run_dir = run(None, run_dir=tmp_path / "demo", notebooks_dir=toy_notebooks)
     out = capsys.readouterr().out
-    assert "b: 2 -> 3" in out and "gone: 0 -> '<unset>'" in out
-    assert report_param_changes(tmp_path / "absent.json", {"a": 1}) == []
+    assert out.count("compute  not computed yet") == 7
+    rec = json.loads((run_dir / "run.json").read_text())
+    assert rec["status"] == "complete" and rec["versions"]["d3m_lib"] == __version__
+    assert [s["action"] for s in rec["plan"]] == ["compute"] * 7
+    assert rec["code_version"]["library"] == rundir.code_version()
+    assert json.loads((run_dir / "config.json").read_text())["d3m_beta"] == 1.0
+    # again: every stage is current and kept, nothing runs
+    before = snapshot(run_dir)
+    run(None, run_dir=run_dir, notebooks_dir=toy_notebooks)
+    assert capsys.readouterr().out.count("keep     current") == 7
+    assert {p: b for p, b in snapshot(run_dir).items() if p.name != "run.json"} == \
+        {p: b for p, b in before.items() if p.name != "run.json"}
 
 
-def test_check_known_lists_close_matches():
-    from d3m_lib.runner import Notebook
+def test_a_new_folder_links_the_unchanged_stages(tmp_path, toy_notebooks, capsys):
+    demo = run(None, run_dir=tmp_path / "demo", notebooks_dir=toy_notebooks)
+    capsys.readouterr()
+    beta2 = run(None, run_dir=tmp_path / "beta2", overrides={"d3m_beta": 2}, notebooks_dir=toy_notebooks)
+    out = capsys.readouterr().out
+    rec = json.loads((beta2 / "run.json").read_text())
+    assert [s["action"] for s in rec["plan"]] == ["link"] * 4 + ["compute"] * 3
+    assert f"reuse    same fingerprint in {demo}" in out
+    assert "05_d3m             compute  not computed yet" in out
+    assert os.stat(beta2 / "03_baseline" / "out.txt").st_ino == os.stat(demo / "03_baseline" / "out.txt").st_ino
+    assert "'d3m_beta': 2.0" in (beta2 / "05_d3m" / "out.txt").read_text()
+    assert "'d3m_beta': 1.0" in (demo / "05_d3m" / "out.txt").read_text()
+    build_ok = rundir.RunDir(beta2)
+    assert all(build_ok.state(s) == "current" for s in rundir.STAGES)
 
-    nbs = [Notebook(1, Path("01_a.ipynb"), ("run_dir", "trak_proj_dim", "seeds"))]
-    check_known({"seeds": [0]}, nbs)
-    with pytest.raises(RunnerError, match=r"trak_projdim \(did you mean trak_proj_dim\?\)"):
-        check_known({"trak_projdim": 512}, nbs)
+
+def test_other_parameters_in_an_existing_folder_need_replace(tmp_path, toy_notebooks, capsys):
+    demo = run(None, run_dir=tmp_path / "demo", notebooks_dir=toy_notebooks)
+    before = snapshot(demo)
+    with pytest.raises(RunnerError, match="(?s)other parameters \\(image_size: 24 -> 16\\).*--replace"):
+        run(None, run_dir=demo, overrides={"image_size": 16}, last=1, notebooks_dir=toy_notebooks)
+    assert snapshot(demo) == before
+    # replacing stage 01 in place makes every later stage stale, and the book refuses them
+    run(None, run_dir=demo, overrides={"image_size": 16}, last=1, replace=True, notebooks_dir=toy_notebooks)
+    assert "replacing in place (--replace); marked stale: 02_scan" in capsys.readouterr().out
+    assert json.loads((demo / "run.json").read_text())["status"] == "partial"
+    with pytest.raises(RunnerError, match="(?s)cannot build the book.*02_scan: stale.*07_error_analysis: stale"):
+        assemble_book(demo, notebooks_dir=toy_notebooks)
+
+
+def test_a_stage_needed_but_not_selected_must_be_current(tmp_path, toy_notebooks):
+    with pytest.raises(RunnerError, match="stage 01_cohort is needed by the selected stages.*--from 1"):
+        run(None, run_dir=tmp_path / "r", first=5, notebooks_dir=toy_notebooks)
+
+
+def test_a_second_runner_is_refused(tmp_path, toy_notebooks):
+    run_dir = tmp_path / "busy"
+    lock = rundir.acquire_lock(run_dir, "python -m d3m_lib run")
+    try:
+        code = ("import sys; from d3m_lib.runner import run; "
+                "run(None, run_dir=sys.argv[1], notebooks_dir=sys.argv[2])")
+        proc = subprocess.run([sys.executable, "-c", code, str(run_dir), str(toy_notebooks)],
+                              capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert proc.returncode != 0 and f"is in use by process {os.getpid()}" in proc.stderr
+        assert not (run_dir / "run.json").exists()
+    finally:
+        lock.release()
+
+
+def test_failing_notebook_stops_the_run_naming_it(tmp_path, toy_notebooks, monkeypatch):
+    monkeypatch.setenv("TOY_FAIL", "1")
+    nbs = tmp_path / "failing"
+    import shutil
+
+    shutil.copytree(toy_notebooks, nbs)
+    from conftest import write_notebook
+
+    write_notebook(nbs / "02_discrepancy_scan.ipynb", "run_dir = 'x'\nreplace = False",
+                   "x = 1", "raise ValueError('no images left after exclusions')")
+    with pytest.raises(RunnerError) as err:
+        run(None, run_dir=tmp_path / "r", notebooks_dir=nbs)
+    msg = str(err.value)
+    assert "02_discrepancy_scan" in msg and "ValueError" in msg and "no images left" in msg
+    assert "In [4]" in msg
+    rec = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert rec["status"] == "failed" and rec["notebooks"][-1]["status"] == "failed"
+    assert not (tmp_path / "r" / "executed" / "03_baseline.ipynb").exists()
+    with pytest.raises(RunnerError, match="02_scan: did not finish|02_scan: not run"):
+        assemble_book(tmp_path / "r", notebooks_dir=nbs)
 
 
 # -- the book ------------------------------------------------------------------------
@@ -192,45 +198,45 @@ def test_book_builds_with_cross_page_glue(built_tiny_book):
 
 
 def test_book_build_fails_on_a_missing_glue_key(tmp_path, tiny_book):
+    from conftest import execute_tiny
+
     intro = "# Intro\n\n{glue:text}`../notebooks/01_glue.ipynb::no_such_key:.2f`\n"
     root, nbs = tiny_book(tmp_path, intro)
-    run_dir = run(None, run_dir=tmp_path / "run", notebooks_dir=nbs)
+    run_dir = execute_tiny(nbs, tmp_path / "run", n=1)
     with pytest.raises(RunnerError, match="no_such_key"):
-        build_book(run_dir, notebooks_dir=nbs, book_root=root)
+        build_book(run_dir, notebooks_dir=nbs, book_root=root, study=False)
 
 
-def test_book_refuses_a_run_with_a_notebook_missing(tmp_path, make_notebook):
-    nbs = tmp_path / "nbs"
-    make_notebook(nbs / "01_a.ipynb", "run_dir = 'x'")
-    make_notebook(nbs / "02_b.ipynb", "run_dir = 'x'")
-    (tmp_path / "run" / "executed").mkdir(parents=True)
-    shutil.copy2(nbs / "01_a.ipynb", tmp_path / "run" / "executed" / "01_a.ipynb")
-    with pytest.raises(RunnerError, match="02_b: not executed in this run"):
-        assemble_book(tmp_path / "run", notebooks_dir=nbs)
+def test_book_refuses_a_study_run_without_config(tmp_path, toy_notebooks):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(RunnerError, match="no config.json"):
+        assemble_book(tmp_path / "run", notebooks_dir=toy_notebooks)
 
 
-PRIVACY_CELL = """
-import pathlib, pandas as pd
-d = pathlib.Path(run_dir, "01_cohort"); d.mkdir(parents=True, exist_ok=True)
-pd.DataFrame({"image_id": ["02aa804e-bde0afdd-112c0b34-7bc16630-4e384014"],
-              "subject_id": ["10000032"], "study_id": ["50414267"]}).to_parquet(d / "cohort.parquet")
-print("hardest image: 02aa804e-bde0afdd-112c0b34-7bc16630-4e384014")
-"""
+PRIVACY_OUTPUT = {"output_type": "stream", "name": "stdout",
+                  "text": "hardest image: 02aa804e-bde0afdd-112c0b34-7bc16630-4e384014\n"}
 
 
-def test_credentialed_run_fails_when_a_notebook_shows_identifiers(tmp_path, make_notebook):
-    nbs = tmp_path / "nbs"
-    make_notebook(nbs / "01_cohort.ipynb",
-                  "run_dir = 'x'\ndataset = 'mimic'\nsynthetic = False\npublish_identifiers = False",
-                  PRIVACY_CELL)
-    with pytest.raises(RunnerError, match=r"(?s)may not publish \(1 found\).*01_cohort.ipynb cell 2.*02aa804e"):
-        run(None, run_dir=tmp_path / "run", notebooks_dir=nbs)
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
-    # explicitly allowed: the run completes and says it was not scanned for identifiers
-    run(None, run_dir=tmp_path / "run", notebooks_dir=nbs, overrides={"publish_identifiers": True})
-    rec = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert rec["status"] == "complete" and rec["privacy"]["credentialed"] is True
-    # synthetic data is not credentialed: nothing to scan
-    run(None, run_dir=tmp_path / "run", notebooks_dir=nbs, overrides={"synthetic": True})
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["privacy"] == {
-        "scanned": False, "credentialed": False}
+def test_credentialed_run_fails_when_a_notebook_shows_identifiers(tmp_path, toy_notebooks):
+    import nbformat
+    import pandas as pd
+
+    from d3m_lib import config
+
+    run_dir = run(None, run_dir=tmp_path / "run", notebooks_dir=toy_notebooks)
+    r = rundir.RunDir(run_dir)
+    pd.DataFrame({"image_id": ["02aa804e-bde0afdd-112c0b34-7bc16630-4e384014"],
+                  "subject_id": ["10000032"], "study_id": ["50414267"]}).to_parquet(
+        r.stage_dir("01_cohort") / "cohort.parquet")
+    ex = r.executed("06_per_race")
+    nb = nbformat.read(ex, as_version=4)
+    nb.cells[-1].outputs = [nbformat.from_dict(PRIVACY_OUTPUT)]
+    nbformat.write(nb, ex)
+    cfg = config.resolve({})
+    assert privacy_scan(r, cfg) == {"scanned": False, "credentialed": False}   # synthetic
+    m = r.manifest("01_cohort")
+    m["summary"]["data"]["synthetic"] = False       # stage 01 read real MIMIC
+    r._write_manifest("01_cohort", m)
+    with pytest.raises(RunnerError, match=r"(?s)may not publish \(1 found\).*06_per_race.ipynb.*02aa804e"):
+        privacy_scan(r, cfg)
+    assert privacy_scan(r, config.resolve({"publish_identifiers": True}))["credentialed"] is True

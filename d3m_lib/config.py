@@ -1,0 +1,422 @@
+"""The study's one configuration: every parameter defined once, checked before any work.
+
+Each :class:`Param` has a type, a default (the demo's value), the allowed values
+and one line of help, and names the stages that read it (the first is the stage
+that *owns* it: where its parameter cell lists it). ``kind="view"`` parameters
+change what a notebook shows or how fast it runs, never a result, so they enter
+no fingerprint.
+
+:func:`resolve` turns a parameter file plus overrides into a :class:`Config`,
+refusing unknown names (with suggestions), wrong types, values outside the
+allowed ones and inconsistent combinations, each with a message that names the
+parameter and what is allowed. ``python -m d3m_lib params`` prints the table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+from .constants import FINDINGS
+
+S01, S02, S03, S04, S05, S06, S07 = ("01_cohort", "02_scan", "03_baseline", "04_trak", "05_d3m",
+                                     "06_per_race", "07_error_analysis")
+TRAIN = (S02, S03, S04, S05)
+STATS = (S02, S03, S04, S05, S06)
+
+
+class ConfigError(ValueError):
+    """A parameter name or value that the study cannot run with."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    help: str
+    stages: tuple[str, ...]
+    kind: str = "stage"               # "stage": enters fingerprints; "view": display/speed only
+    type: str = "str"                 # int, float, bool, str, path, int_list, str_list, any
+    choices: tuple | None = None
+    nullable: bool = False
+    check: Callable[[Any], str | None] | None = None   # returns what is wrong, or None
+
+    @property
+    def owner(self) -> str:
+        return self.stages[0]
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False):
+    def check(v):
+        if v is None:
+            return None
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return f"must be {'>' if lo_open else '>='} {lo}"
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            return f"must be {'<' if hi_open else '<='} {hi}"
+        return None
+    return check
+
+
+def _unique_nonempty(v):
+    if v is not None and (len(v) == 0 or len(set(v)) != len(v)):
+        return "must be a non-empty list without repeats"
+    return None
+
+
+def _findings(v):
+    if v is None:
+        return None
+    bad = [f for f in v if f not in FINDINGS]
+    if bad:
+        hints = {b: difflib.get_close_matches(b, FINDINGS, n=1) for b in bad}
+        said = ", ".join(f"{b!r}" + (f" (did you mean {hints[b][0]!r}?)" if hints[b] else "") for b in bad)
+        return f"unknown finding(s) {said}; the 14 CheXpert findings are: {', '.join(FINDINGS)}"
+    return _unique_nonempty(v)
+
+
+METHODS = ("d3m", "random", "balanced", "auto_d3m")
+
+
+def _methods(v):
+    bad = [m for m in v if m not in METHODS]
+    if bad:
+        hints = {b: difflib.get_close_matches(b, METHODS, n=1) for b in bad}
+        said = ", ".join(f"{b!r}" + (f" (did you mean {hints[b][0]!r}?)" if hints[b] else "") for b in bad)
+        return f"unknown method(s) {said}; choose from {', '.join(METHODS)}"
+    return _unique_nonempty(v)
+
+
+P = Param
+PARAMS: tuple[Param, ...] = (
+    # -- data (stage 01) -------------------------------------------------------
+    P("dataset", "mimic", "mimic (MIMIC-CXR-JPG + MIMIC-IV, real or synthetic) or nih", (S01,),
+      choices=("mimic", "nih")),
+    P("synthetic", True, "generate a synthetic MIMIC-layout cohort instead of reading MIMIC", (S01,),
+      type="bool"),
+    P("mimic_cxr_dir", None, "folder holding files/ and mimic-cxr-2.0.0-{metadata,chexpert,split}.csv.gz",
+      (S01,), type="path", nullable=True),
+    P("mimic_iv_dir", None, "folder holding hosp/admissions.csv.gz and hosp/patients.csv.gz", (S01,),
+      type="path", nullable=True),
+    P("synthetic_n_patients", 1200, "patients in the synthetic cohort", (S01,), type="int",
+      check=_range(50)),
+    P("synthetic_image_size", 64, "pixels of the synthetic JPEGs", (S01,), type="int", check=_range(16)),
+    P("synthetic_seed", 0, "seed of the synthetic cohort", (S01,), type="int"),
+    P("nih_dir", None, "NIH ChestX-ray14 folder holding Data_Entry_2017_v2020.csv and images/", (S01,),
+      type="path", nullable=True),
+    P("nih_group", "sex", "protected group on NIH (no race there): sex or age_band", (S01,),
+      choices=("sex", "age_band")),
+    P("nih_split_seed", 0, "seed of the patient-disjoint NIH split", (S01,), type="int"),
+    P("uncertain_labels", "negative", "CheXpert -1.0: negative (U-Zeros), positive (U-Ones) or drop",
+      (S01,), choices=("negative", "positive", "drop")),
+    P("race_rule", "mode_recent", "per-patient race rule (d3m_lib.race.patient_race)", (S01,),
+      choices=("mode_recent", "unknown_if_conflict", "most_recent")),
+    P("missing_race", "unknown", "patients without any admission: unknown group or exclude", (S01,),
+      choices=("unknown", "exclude")),
+    P("image_size", 24, "pixels of the cached images the models see (px x px)", (S01,), type="int",
+      check=_range(8, 1024)),
+    P("cache_workers", 1, "processes decoding images", (S01,), kind="view", type="int", check=_range(1)),
+    # -- privacy: what the notebooks may show (never a result) -------------------
+    P("credentialed", "auto", "true, false or auto (true for real MIMIC)", (S01, S04, S06, S07),
+      kind="view", type="any", choices=(True, False, "auto")),
+    P("publish_identifiers", False, "show subject/study/image ids of credentialed data", (S01, S06, S07),
+      kind="view", type="bool"),
+    P("publish_images", False, "show X-ray images of credentialed data", (S01, S04, S06, S07),
+      kind="view", type="bool"),
+    # -- models and schedule -------------------------------------------------------
+    P("arch", "resnet9", "resnet9 (fast) or resnet50 (as in the source study)", TRAIN,
+      choices=("resnet9", "resnet50")),
+    P("width", 8, "ResNet-9 width (ignored by resnet50)", TRAIN, type="int", check=_range(1)),
+    P("pretrained", None, "local state_dict file to start from (no downloads are made)", (S02, S03),
+      type="path", nullable=True),
+    P("batch_size", 128, "training batch size", TRAIN, type="int", check=_range(1)),
+    P("lr", 0.2, "peak learning rate", TRAIN, type="float", check=_range(0, lo_open=True)),
+    P("weight_decay", 5e-4, "weight decay", TRAIN, type="float", check=_range(0)),
+    P("device", "auto", "auto, cpu or cuda", TRAIN, kind="view", choices=("auto", "cpu", "cuda")),
+    P("seeds", [0, 1, 2], "one baseline (and one retraining per method) per seed", (S03, S04, S05),
+      type="int_list", check=_unique_nonempty),
+    P("epochs_anchor", 5, "epochs of the first training call (the base model D3M starts from)",
+      (S03, S04, S05), type="int", check=_range(1)),
+    P("epochs_more", 10, "epochs of the second call (continued ERM, D3M and the controls)",
+      (S03, S04, S05), type="int", check=_range(0)),
+    P("threshold_rule", "youden", "decision threshold rule, chosen on validate", (S02, S03, S05),
+      choices=("youden", "max_accuracy", "fixed_0.5")),
+    # -- statistics ------------------------------------------------------------------
+    P("n_boot", 200, "bootstrap resamples for intervals", STATS, type="int", check=_range(10)),
+    P("ci_level", 0.95, "interval level", STATS, type="float", check=_range(0, 1, True, True)),
+    P("stats_seed", 0, "seed of the bootstrap and of random removal", (S02, S03, S05, S06), type="int"),
+    # -- discrepancy scan ----------------------------------------------------------------
+    P("scan_epochs", 4, "epochs of the shared multi-label scan model", (S02,), type="int", check=_range(1)),
+    P("scan_seed", 0, "seed of the scan model", (S02,), type="int"),
+    P("scan_top_k", 2, "findings to continue with when `findings` is null", (S02,), type="int",
+      check=_range(1, 14)),
+    P("findings", None, "explicit list of CheXpert findings; null: the scan's top-k", (S02,),
+      type="str_list", nullable=True, check=_findings),
+    P("min_group_n", 15, "labelled images a group needs in each split (eligibility, worst group)",
+      (S02, S06, S07), type="int", check=_range(1)),
+    P("min_group_pos", 5, "positives a group needs in each split for a finding to be eligible", (S02,),
+      type="int", check=_range(0)),
+    # -- TRAK --------------------------------------------------------------------------------
+    P("trak_checkpoints", [5, 10, 15], "baseline epochs whose checkpoints TRAK averages over", (S04,),
+      type="int_list", check=_unique_nonempty),
+    P("trak_proj_dim", 256, "JL projection dimension (below the number of training images)", (S04,),
+      type="int", check=_range(1)),
+    P("trak_lambda_reg", 0.0, "ridge term added to X^T X", (S04,), type="float", check=_range(0)),
+    P("trak_batch_size", 128, "images per per-example-gradient batch", (S04,), type="int", check=_range(1)),
+    P("trak_seed", 0, "projection seed and choice of example images", (S04,), type="int"),
+    P("trak_sanity_targets", 20, "training images scored against themselves", (S04,), type="int",
+      check=_range(0)),
+    P("trak_lds", False, "compute the linear datamodeling score (trains subset models)", (S04,),
+      type="bool"),
+    P("trak_lds_models", 10, "subset models for LDS", (S04,), type="int", check=_range(2)),
+    P("trak_lds_subset_fraction", 0.5, "share of training images each subset model sees", (S04,),
+      type="float", check=_range(0, 1, True, True)),
+    P("trak_lds_targets", 100, "validation images whose margins LDS predicts", (S04,), type="int",
+      check=_range(2)),
+    # -- D3M -------------------------------------------------------------------------------------
+    P("d3m_weighting", "softmax", "softmax (source study) or linear (public D3M code)", (S05,),
+      choices=("softmax", "linear")),
+    P("d3m_beta", 1.0, "softmax temperature on the group losses", (S05,), type="float", check=_range(0)),
+    P("d3m_selection", "negative", "negative (drop A_i < 0) or k_lowest (drop d3m_k images)", (S05,),
+      choices=("negative", "k_lowest")),
+    P("d3m_k", None, "images to drop when d3m_selection is k_lowest", (S05,), type="int", nullable=True,
+      check=_range(1)),
+    P("d3m_auto_method", "pca", "Auto-D3M pseudo-groups: pca (sign of the top PC) or kmeans", (S05,),
+      choices=("pca", "kmeans")),
+    P("methods", ["d3m", "random", "balanced", "auto_d3m"], "selections to retrain", (S05,),
+      type="str_list", check=_methods),
+    P("synthetic_ground_truth", None, "planted_ground_truth.csv.gz; null: the one beside the synthetic "
+      "cohort", (S05,), type="path", nullable=True),
+    # -- error analysis ------------------------------------------------------------------------------
+    P("n_targets", 4, "misclassified images of the worst group analysed per finding", (S07,), type="int",
+      check=_range(1)),
+    P("n_top", 8, "training images shown per target and direction", (S07,), type="int", check=_range(1)),
+    P("interactive", False, "show the ipywidgets explorer (in JupyterLab) instead of its still figure", (S07,),
+      kind="view", type="bool"),
+)
+BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+assert len(BY_NAME) == len(PARAMS), "a parameter is defined twice"
+
+# Parameters that name files: relative values resolve against the folder the user started from.
+PATH_PARAMS = tuple(p.name for p in PARAMS if p.type == "path")
+
+
+def _check_type(p: Param, v: Any) -> tuple[Any, str | None]:
+    """``(value, None)`` or ``(v, what is wrong)``; ints are accepted where floats are."""
+    if v is None:
+        return v, None if p.nullable else "must not be null"
+    t = p.type
+    if t == "int":
+        return v, None if isinstance(v, int) and not isinstance(v, bool) else "must be an integer"
+    if t == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return v, "must be a finite number"
+        return float(v), None
+    if t == "bool":
+        return v, None if isinstance(v, bool) else "must be true or false"
+    if t in ("str", "path"):
+        return v, None if isinstance(v, str) and v != "" else "must be a non-empty string"
+    if t == "int_list":
+        ok = isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        return (list(v), None) if ok else (v, "must be a list of integers, e.g. [0, 1, 2]")
+    if t == "str_list":
+        ok = isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+        return (list(v), None) if ok else (v, "must be a list of names, e.g. [a, b]")
+    return v, None
+
+
+def check_value(name: str, value: Any) -> Any:
+    """The checked (and normalised) value of one parameter, or :class:`ConfigError`."""
+    p = BY_NAME[name]
+    v, err = _check_type(p, value)
+    if err is None and p.choices is not None and v is not None and not any(
+            v == c and type(v) is type(c) for c in p.choices):
+        err = f"must be one of {', '.join(map(repr, p.choices))}"
+    if err is None and p.check is not None:
+        err = p.check(v)
+    if err:
+        raise ConfigError(f"parameter {name!r} = {value!r}: {err} ({p.help})")
+    return v
+
+
+def check_names(names: Iterable[str], where: str = "") -> None:
+    unknown = [k for k in names if k not in BY_NAME and k != "run_dir"]
+    if not unknown:
+        return
+    lines = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, list(BY_NAME), n=3, cutoff=0.6)
+        lines.append(f"  {k}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    raise ConfigError(f"unknown parameter(s){' in ' + where if where else ''}:\n" + "\n".join(lines)
+                      + "\n`python -m d3m_lib params` lists them all")
+
+
+def _check_combination(c: Mapping[str, Any], base: Path | None) -> list[str]:
+    """Problems between parameters, and with the files and devices they name."""
+    errs = []
+    total = c["epochs_anchor"] + c["epochs_more"]
+    bad = [e for e in c["trak_checkpoints"] if not 1 <= e <= total]
+    if bad:
+        errs.append(f"parameter 'trak_checkpoints' = {c['trak_checkpoints']!r}: epochs {bad} do not exist "
+                    f"(the baseline trains epochs 1..{total} = epochs_anchor + epochs_more)")
+    if c["d3m_selection"] == "k_lowest" and c["d3m_k"] is None:
+        errs.append("parameter 'd3m_k' must be set when d3m_selection is 'k_lowest'")
+    if "random" in c["methods"] and "d3m" not in c["methods"]:
+        errs.append("parameter 'methods': 'random' removes as many images as 'd3m', so it needs 'd3m'")
+    if c["dataset"] == "mimic" and not c["synthetic"]:
+        for k in ("mimic_cxr_dir", "mimic_iv_dir"):
+            if c[k] is None:
+                errs.append(f"parameter {k!r} must be set for real MIMIC (synthetic is false)")
+            elif not Path(c[k]).is_dir():
+                errs.append(f"parameter {k!r} = {c[k]!r}: no such folder")
+    if c["dataset"] == "nih":
+        if c["nih_dir"] is None:
+            errs.append("parameter 'nih_dir' must be set when dataset is 'nih'")
+        elif not Path(c["nih_dir"]).is_dir():
+            errs.append(f"parameter 'nih_dir' = {c['nih_dir']!r}: no such folder")
+    for k in ("pretrained", "synthetic_ground_truth"):
+        if c[k] is not None and not Path(c[k]).is_file():
+            errs.append(f"parameter {k!r} = {c[k]!r}: no such file")
+    if c["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            errs.append("parameter 'device' = 'cuda' but this machine has no CUDA GPU; use 'auto' or 'cpu'")
+    return errs
+
+
+def _absolute(name: str, value: Any, base: Path | None) -> Any:
+    if name in PATH_PARAMS and isinstance(value, str) and base is not None and not os.path.isabs(value):
+        return str((base / value).resolve())
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """A complete, checked configuration: ``cfg.lr``, ``cfg["lr"]``, ``cfg.for_stage("04_trak")``."""
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(f"no parameter {name!r}") from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dict(self.values)))
+
+    def for_stage(self, stage: str, kind: str | None = "stage") -> dict[str, Any]:
+        """The parameters ``stage`` reads (``kind=None``: view parameters too)."""
+        return {p.name: self.values[p.name] for p in PARAMS
+                if stage in p.stages and (kind is None or p.kind == kind)}
+
+    def diff(self, other: "Config | Mapping[str, Any]") -> dict[str, tuple[Any, Any]]:
+        """``{name: (other's value, this value)}`` where they differ."""
+        o = other.values if isinstance(other, Config) else other
+        return {k: (o.get(k), v) for k, v in self.values.items() if o.get(k) != v}
+
+    def with_overrides(self, overrides: Mapping[str, Any], base: Path | None = None) -> "Config":
+        return resolve({**self.values, **overrides}, base=base)
+
+    def table(self, names: Iterable[str] | None = None):
+        """A two-column table (parameter, value) with the help line, for the notebooks."""
+        import pandas as pd
+
+        names = list(names) if names is not None else [p.name for p in PARAMS]
+        return pd.DataFrame({"parameter": names, "value": [repr(self.values[n]) for n in names],
+                             "meaning": [BY_NAME[n].help for n in names]})
+
+
+def defaults() -> dict[str, Any]:
+    return {p.name: json.loads(json.dumps(p.default)) for p in PARAMS}
+
+
+def resolve(values: Mapping[str, Any], base: Path | None = None) -> Config:
+    """Defaults, then ``values``; every name and value checked, all problems reported at once."""
+    check_names(values)
+    merged = defaults()
+    errs = []
+    for k, v in values.items():
+        if k == "run_dir":
+            continue
+        try:
+            merged[k] = _absolute(k, check_value(k, v), base)
+        except ConfigError as exc:
+            errs.append(str(exc))
+    if not errs:
+        errs = _check_combination(merged, base)
+    if errs:
+        raise ConfigError("\n".join(errs))
+    return Config(merged)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"parameter {key!r} is given twice (lines {seen[key] + 1} and "
+                              f"{key_node.start_mark.line + 1})")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """A flat YAML mapping of parameters; duplicate keys and unknown names are errors."""
+    f = Path(path)
+    if not f.is_file():
+        raise ConfigError(f"parameter file {f} does not exist")
+    try:
+        loaded = yaml.load(f.read_text(), Loader=_UniqueKeyLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{f}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"parameter file {f} is not valid YAML: {exc}") from exc
+    loaded = {} if loaded is None else loaded
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+        raise ConfigError(f"parameter file {f} must hold a mapping of name: value")
+    check_names(loaded, where=str(f))
+    return loaded
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["seeds=[0, 1]", "lr=0.1"]`` -> ``{"seeds": [0, 1], "lr": 0.1}`` (values read as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"-p expects name=value, got {item!r}")
+        try:
+            out[name] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"-p {name}: value {value!r} is not valid YAML ({exc})") from exc
+    return out
+
+
+def describe() -> str:
+    """Every parameter with its default, allowed values, stages and help (``python -m d3m_lib params``)."""
+    lines = []
+    for p in PARAMS:
+        allowed = f" [{' | '.join(map(str, p.choices))}]" if p.choices else f" ({p.type})"
+        lines.append(f"{p.name} = {p.default!r}{allowed}\n    {p.help}; read by {', '.join(p.stages)}"
+                     + (" (display only)" if p.kind == "view" else ""))
+    return "\n".join(lines)
