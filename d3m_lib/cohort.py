@@ -23,6 +23,7 @@ and reason in ``exclusions``. Output format: ARCHITECTURE.md, "Cohort table".
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ PATIENTS = "patients.csv"
 
 UNCERTAIN_POLICIES = ("negative", "positive", "drop")
 MISSING_RACE_POLICIES = ("unknown", "exclude")
+SEX_CODES = {"F": "Female", "M": "Male"}
 
 TABLE_COLUMNS = ["image_id", "subject_id", "study_id", "path", "split", "group", "view",
                  *FINDINGS, "row"]
@@ -53,40 +55,134 @@ class CohortResult:
     ``patients``: one row per kept patient with ``subject_id, group`` and, where
     the source has them, ``sex``, ``age`` and ``race_rule`` (the branch of the
     per-patient race rule that decided); for demographic summaries only.
+    ``notes``: how the inputs were read where that is not obvious (e.g. view codes
+    accepted in lower case). ``warnings``: problems that did not stop the build
+    (``finalize``); each starts with ``WARNING:``. ``diagnostics``: counts that
+    explain a failed group check (admissions rows, blank race cells, patients
+    without an admission).
     """
 
     table: pd.DataFrame
     flow: pd.DataFrame
     exclusions: pd.DataFrame
     patients: pd.DataFrame = field(default_factory=pd.DataFrame)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    diagnostics: dict = field(default_factory=dict)
 
 
 # -- reading files ------------------------------------------------------------
 
+class InputError(ValueError):
+    """An input file or parameter the study cannot use; the message names the file (and row/column)."""
+
+
 def find_csv(folder: str | Path, name: str, what: str) -> Path:
-    """``folder/name.gz`` (as PhysioNet ships it) or ``folder/name``; FileNotFoundError otherwise."""
+    """``folder/name.gz`` (as PhysioNet ships it) or ``folder/name``.
+
+    FileNotFoundError if neither exists; InputError if both do: the study reads
+    exactly one file, and an edited ``.csv`` beside the ``.csv.gz`` must not be
+    ignored silently, so the user has to remove the one not meant.
+    """
     folder = Path(folder)
-    for p in (folder / f"{name}.gz", folder / name):
+    gz, plain = folder / f"{name}.gz", folder / name
+    if gz.is_file() and plain.is_file():
+        raise InputError(
+            f"{what}: both {gz} and {plain} exist. The study reads exactly one of them "
+            f"(it would read the .gz and ignore your .csv): delete or move the one you do not mean")
+    for p in (gz, plain):
         if p.is_file():
             return p
     raise FileNotFoundError(
-        f"{what} not found: expected {folder / (name + '.gz')} (or {folder / name})")
+        f"{what} not found: expected {gz} (or {plain})")
+
+
+def _line(i: int) -> int:
+    """File line of data row ``i`` (0-based) of a csv with one header line."""
+    return int(i) + 2
+
+
+def _non_utf8_message(path: Path) -> str:
+    """Where a csv(.gz) holds bytes that are not UTF-8: line, column and value of the first few cells."""
+    # Latin-1 decodes any byte; a cell is valid UTF-8 iff its Latin-1 text re-encodes and decodes as UTF-8.
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="latin-1")
+    hits = []
+    for c in [str(c) for c in raw.columns]:
+        try:
+            c.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            hits.append((-1, "(header)", c))
+    for c in raw.columns:
+        s = raw[c]
+        for i, v in s[s.str.contains(r"[^\x00-\x7f]", regex=True)].items():
+            try:
+                v.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                hits.append((int(i), str(c), v))
+    hits.sort(key=lambda h: h[0])
+    where = "; ".join(f"line {_line(i) if i >= 0 else 1}, column '{c}': {v!r}" for i, c, v in hits[:5])
+    return (f"{path}: {len(hits)} cell(s) are not valid UTF-8 ({where}"
+            f"{'; ...' if len(hits) > 5 else ''}). MIMIC's files are UTF-8; this one was probably "
+            f"re-saved in another encoding (e.g. Latin-1 by a spreadsheet): restore the original file")
+
+
+def _unreadable_message(path: Path, e: BaseException) -> str:
+    """Why a csv(.gz) could not be decompressed or read, naming the file."""
+    if path.suffix == ".gz":
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head != b"\x1f\x8b":  # the gzip magic number
+            return (f"{path} is named .gz but is not gzip-compressed (it starts with {head!r}). "
+                    f"If it is the plain CSV, rename it to {path.with_suffix('').name}")
+        return (f"{path} is a damaged gzip file ({type(e).__name__}: {e}); the download was "
+                f"probably cut off: download it again")
+    return f"{path} cannot be read ({type(e).__name__}: {e})"
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A csv(.gz) with every column as string, blank cells NaN.
+
+    Errors name the file: InputError for a file that is empty, not gzip though
+    named .gz, a cut-off gzip, or not UTF-8 (with line, column and value).
+    """
+    path = Path(path)
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except UnicodeDecodeError:
+        raise InputError(_non_utf8_message(path)) from None
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path} is empty (not even a header line); the download or copy is "
+                         f"incomplete: fetch the file again") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(_unreadable_message(path, e)) from e
 
 
 def read_csv(path: Path, required: list[str], what: str, rename: dict | None = None) -> pd.DataFrame:
-    """Read a csv(.gz) with every column as string; ValueError listing missing required columns."""
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    """``read_table``, then ValueError listing missing required columns or blank ids."""
+    df = read_table(path)
     if rename:
         df = df.rename(columns={k: v for k, v in rename.items()
                                 if k in df.columns and v not in df.columns})
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ValueError(f"{path.name} ({what}) lacks required column(s) {missing}; "
+        raise InputError(f"{path.name} ({what}) lacks required column(s) {missing}; "
                          f"found columns {list(df.columns)}")
     for c in required:
         if c.endswith("_id") and df[c].isna().any():
-            raise ValueError(f"{path.name}: column '{c}' has {int(df[c].isna().sum())} blank row(s)")
+            lines = [_line(i) for i in np.flatnonzero(df[c].isna())[:5]]
+            raise InputError(f"{path.name}: column '{c}' has {int(df[c].isna().sum())} blank row(s) "
+                             f"(line(s) {lines})")
     return df
+
+
+def bad_values(df: pd.DataFrame, col: str, bad: pd.Series, fname: str, expected: str) -> None:
+    """InputError naming file, column, count, and line and value of the first few rows where ``bad``."""
+    bad = np.asarray(bad, dtype=bool)
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        ex = ", ".join(f"line {_line(i)}: {df[col].iloc[i]!r}" for i in idx[:5])
+        raise InputError(f"{fname}, column '{col}': {len(idx)} value(s) are not {expected} "
+                         f"({ex}{', ...' if len(idx) > 5 else ''})")
 
 
 def _norm_id(s: pd.Series) -> pd.Series:
@@ -144,9 +240,15 @@ def image_relpath(subject_id: pd.Series, study_id: pd.Series, dicom_id: pd.Serie
 # -- flow bookkeeping -----------------------------------------------------------
 
 class Flow:
-    """Applies exclusion steps to an image frame and records counts and excluded rows."""
+    """Applies exclusion steps to an image frame and records counts and excluded rows.
 
-    def __init__(self, df: pd.DataFrame, first_step: str, reason: str):
+    A step that leaves no image raises InputError (an empty cohort is never
+    passed on), with the step's reason and ``hint`` (which file to look at).
+    """
+
+    def __init__(self, df: pd.DataFrame, first_step: str, reason: str, hint: str = ""):
+        if not len(df):
+            raise InputError(f"no image to start from: {reason} is empty (header only){hint}")
         self.df = df
         self.rows: list[dict] = []
         self.excluded: list[pd.DataFrame] = []
@@ -157,9 +259,12 @@ class Flow:
                               patients=self.df["subject_id"].nunique(), dropped_images=dropped,
                               reason=reason))
 
-    def keep(self, mask: pd.Series | np.ndarray, step: str, reason: str) -> None:
+    def keep(self, mask: pd.Series | np.ndarray, step: str, reason: str, hint: str = "") -> None:
         """Keep rows where ``mask`` is True; the others are excluded at ``step``."""
         mask = np.asarray(mask, dtype=bool)
+        if len(mask) and not mask.any():
+            raise InputError(f"empty cohort: step '{step}' dropped all {len(mask):,} remaining "
+                             f"images ({reason}){hint}")
         gone = self.df.loc[~mask, ["image_id", "subject_id", "study_id"]].copy()
         gone["step"], gone["reason"] = step, reason
         self.excluded.append(gone)
@@ -174,6 +279,40 @@ class Flow:
         if not ex:
             return pd.DataFrame({c: pd.Series(dtype=str) for c in EXCLUSION_COLUMNS})
         return pd.concat(ex, ignore_index=True)[EXCLUSION_COLUMNS].astype(str)
+
+
+def frontal_views(df: pd.DataFrame, col: str, fname: str, src_col: str) -> tuple[str, str]:
+    """Upper-case view codes in ``df[col]`` in place; the frontal step's reason and a note.
+
+    MIMIC ships ``PA``/``AP``; ``pa``/``ap`` (any case, surrounding spaces) are
+    accepted as the same views, counted, and said so in the flow table and notes.
+    """
+    v = df[col].astype("string").str.strip()
+    up = v.str.upper()
+    recased = int((up.isin(FRONTAL_VIEWS) & (v != up)).fillna(False).sum())
+    df[col] = up.astype(object).where(up.notna(), None)
+    reason = f"{src_col} not PA or AP (lateral, other or blank)"
+    note = ""
+    if recased:
+        reason += f"; {recased:,} written in another case (e.g. 'pa', 'ap') accepted as PA/AP"
+        note = (f"{fname}: {recased:,} {src_col} value(s) written in another case than PA/AP "
+                f"(e.g. 'pa', 'ap') were accepted as frontal views")
+    return reason, note
+
+
+def check_splits(table: pd.DataFrame, where: str, why=None) -> None:
+    """InputError unless every split (train, validate, test) keeps at least one image.
+
+    ``where`` names the file the split comes from; ``why(split)`` may say why one is empty.
+    """
+    n = table["split"].value_counts()
+    empty = [s for s in SPLITS if not n.get(s, 0)]
+    if empty:
+        reasons = "; ".join(why(s) for s in empty) if why else ""
+        raise InputError(f"{where}: no kept image is in split(s) {empty} "
+                         f"(kept images per split: {{{', '.join(f'{s}: {int(n.get(s, 0))}' for s in SPLITS)}}})"
+                         f"{'; ' + reasons if reasons else ''}. The study trains on train, chooses "
+                         f"thresholds on validate and reports on test: it needs all three")
 
 
 def finalize_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -259,17 +398,28 @@ def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
     pat = read_csv(f_pat, ["subject_id", "gender", "anchor_age"], "patients")
     pat["subject_id"] = _norm_id(pat["subject_id"])
     _dups(pat, ["subject_id"], f_pat.name)
+    # MIMIC-IV records gender as F/M and anchor_age as an integer (91 for 89+); anything
+    # else means an edited or foreign file: stop rather than turn it into NaN.
+    bad_values(pat, "gender", ~pat["gender"].isin(list(SEX_CODES)), f_pat.name,
+               f"one of {sorted(SEX_CODES)} as in MIMIC-IV")
+    age = pd.to_numeric(pat["anchor_age"], errors="coerce")
+    bad_values(pat, "anchor_age", ~(age.between(0, 120) & (age == age.round())), f_pat.name,
+               "whole ages 0-120 as in MIMIC-IV")
 
     df = meta.rename(columns={"dicom_id": "image_id", "ViewPosition": "view"})
     df = df[["image_id", "subject_id", "study_id", "view"]]
-    flow = Flow(df, "metadata", f"all images in {f_meta.name}")
+    flow = Flow(df, "metadata", f"all images in {f_meta.name}", hint=f" ({f_meta})")
 
-    flow.keep(flow.df["view"].isin(FRONTAL_VIEWS), "frontal view",
-              "ViewPosition not PA or AP (lateral, other or blank)")
+    view_reason, view_note = frontal_views(flow.df, "view", f_meta.name, "ViewPosition")
+    notes = [view_note] if view_note else []
+    flow.keep(flow.df["view"].isin(FRONTAL_VIEWS), "frontal view", view_reason,
+              hint=f"; ViewPosition values in {f_meta.name}: "
+                   f"{flow.df['view'].value_counts(dropna=False).head(8).to_dict()}")
 
     sp = split.set_index("dicom_id")
     has = flow.df["image_id"].isin(sp.index)
-    flow.keep(has, "in official split", f"no row in {f_split.name}")
+    flow.keep(has, "in official split", f"no row in {f_split.name}",
+              hint=f": no dicom_id of {f_meta.name} is in {f_split} ({len(split):,} rows)")
     s = sp.loc[flow.df["image_id"]]
     clash = (s["subject_id"].to_numpy() != flow.df["subject_id"].to_numpy()) | \
             (s["study_id"].to_numpy() != flow.df["study_id"].to_numpy())
@@ -280,35 +430,54 @@ def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
 
     key = pd.MultiIndex.from_frame(flow.df[["subject_id", "study_id"]])
     lab_key = pd.MultiIndex.from_frame(labels[["subject_id", "study_id"]])
-    flow.keep(key.isin(lab_key), "CheXpert labels", f"study has no row in {f_chex.name}")
+    flow.keep(key.isin(lab_key), "CheXpert labels", f"study has no row in {f_chex.name}",
+              hint=f": no (subject_id, study_id) of {f_meta.name} is in {f_chex} "
+                   f"({len(labels):,} rows)")
 
     flow.df["path"] = image_relpath(flow.df["subject_id"], flow.df["study_id"], flow.df["image_id"])
     if check_images:
         on_disk = np.fromiter((os.path.isfile(cxr / p) for p in flow.df["path"]), bool,
                               count=len(flow.df))
-        flow.keep(on_disk, "image on disk", "listed in the metadata but the JPEG file is absent")
+        flow.keep(on_disk, "image on disk", "listed in the metadata but the JPEG file is absent",
+                  hint=f": e.g. {cxr / flow.df['path'].iloc[0]} does not exist. Is mimic_cxr_dir "
+                       f"the folder that holds files/p10 ... files/p19 and {f_meta.name}?")
 
     rc = race.race_for_subjects(flow.df["subject_id"].unique(), adm, source=f_adm.name,
                                 rule=race_rule, missing=missing_race)
     rc = rc.set_index("subject_id")
     flow.df["group"] = flow.df["subject_id"].map(rc["group"])
+    n_at_race = int(len(rc))
+    no_adm = int((rc["race_rule"] == "no_admission").sum())
+    diagnostics = dict(admissions_file=str(f_adm), admissions_rows=int(len(adm)),
+                       admissions_blank_race=int(adm["race"].isna().sum()),
+                       patients_at_race_step=n_at_race, patients_without_admission=no_adm)
     if missing_race == "exclude":
         flow.keep(flow.df["group"].notna(), "race recorded",
-                  f"patient has no admission in {f_adm.name} (missing_race='exclude')")
+                  f"patient has no admission in {f_adm.name} (missing_race='exclude')",
+                  hint=f": none of the {n_at_race:,} patients has an admission in {f_adm} "
+                       f"({len(adm):,} rows). Is mimic_iv_dir the MIMIC-IV that goes with "
+                       f"this MIMIC-CXR copy?")
 
     lab = apply_label_policy(labels, uncertain_labels)
     flow.df = flow.df.merge(lab[["subject_id", "study_id", *FINDINGS]],
                             on=["subject_id", "study_id"], how="left", validate="many_to_one")
     if uncertain_labels == "drop":
         flow.keep(flow.df[list(FINDINGS)].notna().any(axis=1), "usable label",
-                  "every finding uncertain (-1) and uncertain_labels='drop'")
+                  "every finding uncertain (-1) and uncertain_labels='drop'",
+                  hint=f" (in {f_chex.name})")
 
     table = finalize_table(flow.df)
+    given = split["split"].value_counts()
+    check_splits(table, f_split.name,
+                 why=lambda s: (f"{f_split.name} has no row with split '{s}'" if not given.get(s)
+                                else f"all {given[s]:,} '{s}' images of {f_split.name} were excluded"))
     pats = rc.loc[table["subject_id"].unique(), ["group", "race_rule"]].reset_index()
     p = pat.set_index("subject_id")
-    pats["sex"] = pats["subject_id"].map(p["gender"]).map({"F": "Female", "M": "Male"})
-    pats["age"] = pd.to_numeric(pats["subject_id"].map(p["anchor_age"]), errors="coerce")
-    return CohortResult(table, flow.table(), flow.exclusions(), pats)
+    # Patients with images but no row in patients.csv keep sex/age NaN (not recorded).
+    pats["sex"] = pats["subject_id"].map(p["gender"]).map(SEX_CODES)
+    pats["age"] = pd.to_numeric(pats["subject_id"].map(p["anchor_age"]))
+    return CohortResult(table, flow.table(), flow.exclusions(), pats, notes=notes,
+                        diagnostics=diagnostics)
 
 
 # -- summaries for the notebook -----------------------------------------------------

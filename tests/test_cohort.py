@@ -22,6 +22,7 @@ IMAGES = [
     ("d7", "11000004", "50000005", "AP", None, True),           # no split row
     ("d8", "12000005", "50000006", "PA", "test", False),        # file absent
     ("d9", "10000001", "50000007", "", "train", True),          # blank view
+    ("d10", "10000006", "50000008", "PA", "validate", True),
 ]
 ADMISSIONS = [  # subject_id, hadm_id, admittime, race
     ("10000001", "20000001", "2150-01-01 10:00:00", "WHITE"),
@@ -30,6 +31,7 @@ ADMISSIONS = [  # subject_id, hadm_id, admittime, race
     ("11000004", "20000004", "2151-01-01 10:00:00", "UNKNOWN"),
     ("12000005", "20000005", "2150-01-01 10:00:00", "HISPANIC/LATINO - DOMINICAN"),
     ("19999999", "20000006", "2150-01-01 10:00:00", "OTHER"),  # no images
+    ("10000006", "20000008", "2150-01-01 10:00:00", "WHITE"),
 ]
 
 
@@ -57,6 +59,7 @@ def make_mimic(root, images=IMAGES, admissions=ADMISSIONS, edit=None):
         _labels_row("11000004", "50000005", Cardiomegaly=1.0),
         _labels_row("12000005", "50000006", Edema=1.0),
         _labels_row("10000001", "50000007"),
+        _labels_row("10000006", "50000008", Edema=1.0),
     ])
     adm = pd.DataFrame(admissions, columns=["subject_id", "hadm_id", "admittime", "race"])
     pats = pd.DataFrame({"subject_id": sorted({s for _, s, *_ in images} | {a[0] for a in admissions}),
@@ -85,10 +88,10 @@ def test_cohort_table_flow_and_exclusions(tmp_path):
     res = build_mimic_cohort(cxr, iv)
     t = res.table
     assert list(t.columns) == TABLE_COLUMNS
-    assert t["image_id"].tolist() == ["d1", "d3", "d5", "d6"]  # train, train, validate, test
-    assert t["split"].tolist() == ["train", "train", "validate", "test"]
-    assert t["row"].tolist() == [0, 1, 2, 3]
-    assert t["group"].tolist() == ["White", "Black or African American", "Unknown", "Asian"]
+    assert t["image_id"].tolist() == ["d1", "d3", "d5", "d10", "d6"]  # train, train, validate x2, test
+    assert t["split"].tolist() == ["train", "train", "validate", "validate", "test"]
+    assert t["row"].tolist() == [0, 1, 2, 3, 4]
+    assert t["group"].tolist() == ["White", "Black or African American", "Unknown", "White", "Asian"]
     assert set(t["view"]) <= {"PA", "AP"}
     for c in ["image_id", "subject_id", "study_id", "path", "split", "group", "view"]:
         assert all(isinstance(v, str) for v in t[c])
@@ -96,17 +99,17 @@ def test_cohort_table_flow_and_exclusions(tmp_path):
     assert t["path"].iloc[0] == "files/p10/p10000001/s50000001/d1.jpg"
     assert all((cxr / p).is_file() for p in t["path"])
 
-    assert flow_steps(res) == {"metadata": 9, "frontal view": 7, "in official split": 6,
-                               "CheXpert labels": 5, "image on disk": 4}
+    assert flow_steps(res) == {"metadata": 10, "frontal view": 8, "in official split": 7,
+                               "CheXpert labels": 6, "image on disk": 5}
     # kept + dropped at each step = kept at the step before
     imgs, dropped = res.flow["images"].to_numpy(), res.flow["dropped_images"].to_numpy()
     assert (imgs[1:] + dropped[1:] == imgs[:-1]).all() and dropped[0] == 0
-    assert res.flow["patients"].iloc[0] == 5 and res.flow["patients"].iloc[-1] == 4
+    assert res.flow["patients"].iloc[0] == 6 and res.flow["patients"].iloc[-1] == 5
     ex = res.exclusions.set_index("image_id")["step"].to_dict()
     assert ex == {"d2": "frontal view", "d9": "frontal view", "d7": "in official split",
                   "d4": "CheXpert labels", "d8": "image on disk"}
     assert len(res.exclusions) == res.flow["dropped_images"].sum()
-    assert len(res.patients) == 4 and set(res.patients["sex"]) == {"Female"}
+    assert len(res.patients) == 5 and set(res.patients["sex"]) == {"Female"}
 
 
 def test_check_images_off_keeps_absent_file(tmp_path):
@@ -122,7 +125,7 @@ def test_missing_race_policies(tmp_path):
     drop = build_mimic_cohort(cxr, iv, missing_race="exclude")
     assert "d5" not in set(drop.table["image_id"])
     last = drop.flow.iloc[-1]
-    assert last["step"] == "race recorded" and last["dropped_images"] == 1 and last["images"] == 3
+    assert last["step"] == "race recorded" and last["dropped_images"] == 1 and last["images"] == 4
     assert drop.exclusions.set_index("image_id").loc["d5", "step"] == "race recorded"
     # the Asian patient's later UNKNOWN admission does not override the recorded race
     assert drop.table.set_index("image_id").loc["d6", "group"] == "Asian"
@@ -169,7 +172,7 @@ def test_plain_csv_accepted(tmp_path):
     gz = cxr / "mimic-cxr-2.0.0-split.csv.gz"
     pd.read_csv(gz, dtype=str).to_csv(cxr / "mimic-cxr-2.0.0-split.csv", index=False)
     gz.unlink()
-    assert len(build_mimic_cohort(cxr, iv).table) == 4
+    assert len(build_mimic_cohort(cxr, iv).table) == 5
 
 
 def test_missing_columns_listed(tmp_path):
