@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -478,6 +478,223 @@ def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
     pats["age"] = pd.to_numeric(pats["subject_id"].map(p["anchor_age"]))
     return CohortResult(table, flow.table(), flow.exclusions(), pats, notes=notes,
                         diagnostics=diagnostics)
+
+
+# -- after the image cache: unreadable images, groups, the terminal summary -------
+
+UNREADABLE_STEP = "image readable"
+# Steps that drop images by the study's design, not because data are missing:
+# lateral views are about a third of MIMIC-CXR's images.
+DESIGN_STEPS = ("frontal view",)
+
+
+def exclude_unreadable(result: CohortResult, cache_report, max_share: float = 0.01,
+                       list_path: str | Path | None = None) -> CohortResult:
+    """Drop the images the image cache could not decode, as absent images are dropped.
+
+    ``cache_report``: the ``image_cache.CacheReport`` of ``build_cache`` over
+    ``[image_root / p for p in result.table["path"]]`` (table order). Its failed
+    images (garbage, truncated or 0-byte files) leave the table at the flow step
+    ``"image readable"`` (always added, also with 0 dropped, so the count is
+    shown whatever its size), with a row each in ``exclusions``.
+
+    Design: the cache is decoded once, before this step, and never rewritten
+    (377k images take hours to decode; a second pass only to find broken files
+    would double that). The kept rows therefore keep their cache ``row``: the
+    table's ``row`` stays a valid index into the cache but is no longer
+    0..N-1 without gaps. ``image_cache.open_cache(..., rows=table["row"])``
+    checks this, and refuses rows listed as unreadable.
+
+    List file: ``list_path`` (written: ``image_id, subject_id, study_id, row,
+    path, error``) or else the cache's ``failed_<px>.csv``. If more than
+    ``max_share`` of the images are unreadable, raises InputError naming the
+    count and the list file (after writing it).
+    """
+    t = result.table
+    if UNREADABLE_STEP in set(result.flow["step"]):
+        raise ValueError("exclude_unreadable was already applied to this cohort")
+    if cache_report.n != len(t):
+        raise ValueError(f"the image cache holds {cache_report.n:,} images but the cohort table "
+                         f"{len(t):,}: build the cache from this table's paths, in its order")
+    failed = cache_report.failed
+    pos = failed["index"].astype(int).to_numpy() if len(failed) else np.zeros(0, int)
+    rel = t["path"].iloc[pos].to_numpy()
+    mismatch = [p for p, r in zip(failed["path"].astype(str), rel)
+                if not Path(p).as_posix().endswith(str(r))]
+    if mismatch:
+        raise ValueError(f"the cache's failed images (e.g. {mismatch[0]}) are not the table's "
+                         f"images at those positions: the cache was built from another table")
+    list_file = Path(list_path) if list_path is not None else cache_report.failed_path
+    if list_path is not None:
+        lst = t.iloc[pos][["image_id", "subject_id", "study_id", "row", "path"]].copy()
+        lst["error"] = failed["error"].astype(str).to_numpy()
+        list_file.parent.mkdir(parents=True, exist_ok=True)
+        lst.to_csv(list_file, index=False)
+    n, k = len(t), len(pos)
+    where = f"listed in {list_file}" if list_file is not None else "listed in the exclusions"
+    if k > max_share * n:
+        raise InputError(f"{k:,} of {n:,} images ({k / n:.1%}) could not be read (damaged, "
+                         f"truncated, 0-byte or not images), more than max_unreadable_share="
+                         f"{max_share:g}; {where}. Restore these files (download them again), or "
+                         f"raise max_unreadable_share to exclude them and go on")
+    flow = Flow.__new__(Flow)  # continue the recorded flow with the table as it stands
+    flow.df, flow.rows, flow.excluded = t, result.flow.to_dict("records"), []
+    mask = np.ones(n, dtype=bool)
+    mask[pos] = False
+    flow.keep(mask, UNREADABLE_STEP,
+              f"image file could not be decoded (damaged, truncated, 0 bytes or not an image); "
+              f"{where}", hint=f"; {where}")
+    table = flow.df  # rows keep their cache row numbers
+    check_splits(table, f"after excluding the unreadable images {where}")
+    ex = pd.concat([result.exclusions, flow.exclusions()], ignore_index=True)[EXCLUSION_COLUMNS]
+    pats = result.patients
+    if len(pats):
+        pats = pats[pats["subject_id"].isin(set(table["subject_id"]))].reset_index(drop=True)
+    return CohortResult(table, flow.table(), ex.astype(str), pats, notes=list(result.notes),
+                        warnings=list(result.warnings), diagnostics=dict(result.diagnostics))
+
+
+def _group_failure_reason(result: CohortResult) -> str:
+    """Why a cohort has fewer than two usable groups, from ``result.diagnostics`` (MIMIC)."""
+    d = result.diagnostics
+    if not d:
+        return "too few images per group"
+    f = d["admissions_file"]
+    if d["admissions_rows"] == 0:
+        return f"{f} has no rows: no patient has a recorded race, so every patient is Unknown"
+    if d["admissions_blank_race"] == d["admissions_rows"]:
+        return (f"the race column of {f} is empty (all {d['admissions_rows']:,} rows blank), "
+                f"so every patient is Unknown")
+    if d["patients_at_race_step"] and d["patients_without_admission"] == d["patients_at_race_step"]:
+        return (f"no admission in {f} matched any X-ray patient (0 of "
+                f"{d['patients_at_race_step']:,} subject_ids): is mimic_iv_dir the MIMIC-IV that "
+                f"goes with this MIMIC-CXR copy?")
+    return "too few images per group"
+
+
+def check_groups(result: CohortResult, min_group_n: int = 20,
+                 max_missing_race_share: float = 0.5,
+                 ignore_groups: tuple[str, ...] = ("Unknown",)) -> list[str]:
+    """Stop a study about groups that has no groups to compare; return warnings.
+
+    A group is usable when it has at least ``min_group_n`` labelled images (at
+    least one finding not NaN) in train and in validate. Groups in
+    ``ignore_groups`` do not count: Unknown means race not recorded, and "White
+    against Unknown" is not a racial gap. Fewer than two usable groups raise
+    InputError saying why (e.g. no admission matched any X-ray patient, the race
+    column is empty) and listing the labelled images per group and split.
+
+    Returns ``WARNING:`` lines: more than ``max_missing_race_share`` of the
+    patients reaching the race step have no MIMIC-IV admission. Default 0.5: a
+    share that high means a partial or mismatched MIMIC-IV copy rather than
+    patients who were never admitted, yet it stays clear of the ordinary share.
+    """
+    t = result.table
+    lab = t[list(FINDINGS)].notna().any(axis=1)
+    c = pd.crosstab(t.loc[lab, "group"], t.loc[lab, "split"]).reindex(
+        columns=list(SPLITS), fill_value=0)
+    usable = [g for g in c.index if g not in ignore_groups
+              and c.loc[g, "train"] >= min_group_n and c.loc[g, "validate"] >= min_group_n]
+    if len(usable) < 2:
+        sizes = ", ".join(f"{g} {c.loc[g, 'train']}/{c.loc[g, 'validate']}" for g in c.index) or "none"
+        raise InputError(
+            f"the study compares groups but only {len(usable)} group(s) {usable} reach "
+            f"min_group_n={min_group_n} labelled images in both train and validate"
+            f"{f' (not counting {list(ignore_groups)})' if ignore_groups else ''}: "
+            f"{_group_failure_reason(result)}. Labelled images per group (train/validate): {sizes}")
+    out = []
+    d = result.diagnostics
+    if d.get("patients_at_race_step"):
+        share = d["patients_without_admission"] / d["patients_at_race_step"]
+        if share > max_missing_race_share:
+            out.append(f"WARNING: {share:.1%} of the patients ({d['patients_without_admission']:,} "
+                       f"of {d['patients_at_race_step']:,}) have no admission in "
+                       f"{Path(d['admissions_file']).name} (race never recorded), more than "
+                       f"max_missing_race_share={max_missing_race_share:g}; is the MIMIC-IV copy "
+                       f"complete and the one that goes with this MIMIC-CXR copy?")
+    return out
+
+
+def drop_warnings(flow: pd.DataFrame, max_drop_share: float = 0.10) -> list[str]:
+    """A ``WARNING:`` line when the steps after the design steps drop more than ``max_drop_share``.
+
+    The share is of the images entering those steps (for MIMIC: the frontal
+    images), so the lateral views, dropped by design, never trigger it.
+    """
+    steps = flow.iloc[1:]
+    design = steps["step"].isin(DESIGN_STEPS).to_numpy()
+    last_design = int(np.flatnonzero(design)[-1]) + 1 if design.any() else 0
+    base = int(flow["images"].iloc[last_design])
+    data = steps[~design]
+    lost = int(data["dropped_images"].sum())
+    if not base or lost <= max_drop_share * base:
+        return []
+    by = data[data["dropped_images"] > 0].sort_values("dropped_images", ascending=False)
+    what = ", ".join(f"'{s}' {int(k):,} ({r})" for s, k, r in
+                     zip(by["step"], by["dropped_images"], by["reason"]))
+    return [f"WARNING: {lost:,} of {base:,} images ({lost / base:.1%}) were dropped after "
+            f"{'the design steps ' + str(list(DESIGN_STEPS)) if last_design else 'the start'}, "
+            f"more than max_drop_share={max_drop_share:g}: {what}"]
+
+
+def terminal_summary(table: pd.DataFrame, flow: pd.DataFrame, patients: pd.DataFrame | None = None,
+                     notes=(), warnings=(), max_drop_share: float = 0.10) -> str:
+    """The cohort in a few lines for the terminal; warnings are lines starting ``WARNING:``.
+
+    Kept and dropped images, studies and patients; images dropped per step;
+    unreadable images (whatever their number, or "not checked" without the
+    ``image readable`` step); images and patients per group and split; then
+    ``notes`` and every warning (``warnings`` plus ``drop_warnings(flow,
+    max_drop_share)``, each once).
+    """
+    first, last = flow.iloc[0], flow.iloc[-1]
+
+    def kept(col: str) -> str:
+        a, b = int(last[col]), int(first[col])
+        return f"{a:,} of {b:,} {col} kept ({b - a:,} dropped)"
+
+    lines = [f"Cohort: {kept('images')}; {kept('studies')}; {kept('patients')}"]
+    drops = flow.iloc[1:]
+    lines.append("  dropped per step: " + (", ".join(
+        f"{s} {int(k):,}" for s, k in zip(drops["step"], drops["dropped_images"])) or "none"))
+    if UNREADABLE_STEP in set(flow["step"]):
+        r = flow[flow["step"] == UNREADABLE_STEP].iloc[0]
+        lines.append(f"  unreadable images: {int(r['dropped_images']):,} (excluded"
+                     f"{'; ' + r['reason'].split('; ', 1)[1] if '; ' in r['reason'] else ''})")
+    else:
+        lines.append("  unreadable images: not checked (cohort.exclude_unreadable not applied)")
+    n = table["split"].value_counts()
+    lines.append("  images per split: " + ", ".join(f"{s} {int(n.get(s, 0)):,}" for s in SPLITS))
+    c = pd.crosstab(table["group"], table["split"]).reindex(columns=list(SPLITS), fill_value=0)
+    pat = table.groupby("group")["subject_id"].nunique()
+    lines.append(f"  groups ({len(c)}): images (train / validate / test), patients")
+    w = max((len(str(g)) for g in c.index), default=0)
+    for g in c.index:
+        lines.append(f"    {str(g):<{w}}  {int(c.loc[g].sum()):>8,} ({' / '.join(f'{int(v):,}' for v in c.loc[g])})"
+                     f", {int(pat[g]):,} patients")
+    lines += [f"  note: {x}" for x in notes]
+    seen = []
+    for x in [*warnings, *drop_warnings(flow, max_drop_share)]:
+        if x not in seen:
+            seen.append(x)
+    lines += seen
+    return "\n".join(lines)
+
+
+def finalize(result: CohortResult, cache_report=None, *, max_unreadable_share: float = 0.01,
+             unreadable_list: str | Path | None = None, min_group_n: int = 20,
+             max_missing_race_share: float = 0.5, max_drop_share: float = 0.10) -> CohortResult:
+    """The checks that need the image cache, in order; the cohort the study may use.
+
+    ``exclude_unreadable`` (skipped when ``cache_report`` is None), then
+    ``check_groups``; ``warnings`` gets the group and drop warnings. Print
+    ``terminal_summary(r.table, r.flow, r.patients, r.notes, r.warnings, max_drop_share)``.
+    """
+    if cache_report is not None:
+        result = exclude_unreadable(result, cache_report, max_unreadable_share, unreadable_list)
+    warns = [*result.warnings, *check_groups(result, min_group_n, max_missing_race_share),
+             *drop_warnings(result.flow, max_drop_share)]
+    return replace(result, warnings=list(dict.fromkeys(warns)))
 
 
 # -- summaries for the notebook -----------------------------------------------------

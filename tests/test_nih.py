@@ -83,7 +83,8 @@ ROWS = [
     ("00000002_000.png", "Hernia", 0, 2, 30, "F", "AP", 2048, 2048),
     ("00000003_000.png", "Infiltration", 0, 3, 70, "X", "PA", 2048, 2048),
     ("00000004_000.png", "Nodule", 0, 4, 70, "F", "LL", 2048, 2048),
-]
+] + [(f"000000{p:02d}_000.png", "No Finding", 0, p, 40, "F", "PA", 2048, 2048)
+     for p in range(5, 14)]  # enough patients for every split
 
 
 def test_exclusions_counted_and_release_layout(tmp_path):
@@ -91,9 +92,11 @@ def test_exclusions_counted_and_release_layout(tmp_path):
     res = build_nih_cohort(nih, group="sex")
     assert dict(zip(res.flow["step"], res.flow["dropped_images"])) == {
         "label file": 0, "frontal view": 1, "image on disk": 1, "group known": 1}
-    assert res.table["image_id"].tolist() == ["00000001_000.png", "00000001_001.png"]
-    assert res.table["path"].iloc[0] == "images_001/images/00000001_000.png"
-    r0 = res.table.iloc[0]
+    t = res.table.set_index("image_id")
+    assert {"00000001_000.png", "00000001_001.png"} <= set(t.index) and len(t) == 11
+    assert not {"00000002_000.png", "00000003_000.png", "00000004_000.png"} & set(t.index)
+    assert t.loc["00000001_000.png", "path"] == "images_001/images/00000001_000.png"
+    r0 = t.loc["00000001_000.png"]
     assert r0["Pleural Effusion"] == 1 and r0["Lung Lesion"] == 1 and r0["No Finding"] == 0
     assert set(res.exclusions["reason"].str[:20]) == {"View Position not PA", "listed in the label ",
                                                       "Patient Gender not M"}
