@@ -120,7 +120,12 @@ def _non_utf8_message(path: Path) -> str:
             except UnicodeDecodeError:
                 hits.append((int(i), str(c), v))
     hits.sort(key=lambda h: h[0])
-    where = "; ".join(f"line {_line(i) if i >= 0 else 1}, column '{c}': {v!r}" for i, c, v in hits[:5])
+
+    def show(v: str) -> str:
+        b = sorted({f"0x{ord(ch):02x}" for ch in v if ord(ch) > 0x7f})
+        return f"{v!r} (byte(s) {', '.join(b)})"
+    where = "; ".join(f"line {_line(i) if i >= 0 else 1}, column '{c}': {show(v)}"
+                      for i, c, v in hits[:5])
     return (f"{path}: {len(hits)} cell(s) are not valid UTF-8 ({where}"
             f"{'; ...' if len(hits) > 5 else ''}). MIMIC's files are UTF-8; this one was probably "
             f"re-saved in another encoding (e.g. Latin-1 by a spreadsheet): restore the original file")

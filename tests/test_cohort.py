@@ -272,3 +272,292 @@ def test_summaries(tmp_path):
     assert p.loc[("Cardiomegaly", "Asian"), "prevalence"] == 1.0
     assert p.loc[("Cardiomegaly", "White"), "positives"] == 0
     assert p.loc[("No Finding", "Unknown"), "n"] == 1
+
+
+# -- damaged inputs: one thing broken per case (issue 13) ---------------------------
+
+import gzip  # noqa: E402
+
+from d3m_lib import image_cache  # noqa: E402
+from d3m_lib.cohort import (InputError, check_groups, exclude_unreadable, finalize,  # noqa: E402
+                            terminal_summary)
+
+
+def test_plain_csv_named_gz_is_named(tmp_path):
+    cxr, iv = make_mimic(tmp_path)
+    f = cxr / "mimic-cxr-2.0.0-split.csv.gz"
+    pd.read_csv(f, dtype=str).to_csv(f, index=False, compression=None)
+    with pytest.raises(InputError, match=r"split\.csv\.gz is named \.gz but is not gzip.*rename it to "
+                                         r"mimic-cxr-2\.0\.0-split\.csv"):
+        build_mimic_cohort(cxr, iv)
+
+
+def test_cut_gzip_is_named(tmp_path):
+    cxr, iv = make_mimic(tmp_path)
+    f = cxr / "mimic-cxr-2.0.0-metadata.csv.gz"
+    f.write_bytes(f.read_bytes()[:-12])
+    with pytest.raises(InputError, match=r"metadata\.csv\.gz is a damaged gzip file.*download it again"):
+        build_mimic_cohort(cxr, iv)
+
+
+def test_latin1_byte_names_file_line_and_column(tmp_path):
+    cxr, iv = make_mimic(tmp_path)
+    f = iv / "hosp" / "admissions.csv.gz"
+    adm = pd.read_csv(f, dtype=str)
+    adm.loc[2, "race"] = "ASIAN - CHIN\xc9SE"  # data row 2 = line 4
+    adm.to_csv(f, index=False, encoding="latin-1")
+    with pytest.raises(InputError, match=r"admissions\.csv\.gz: 1 cell\(s\) are not valid UTF-8 "
+                                         r"\(line 4, column 'race': 'ASIAN - CHINÉSE' \(byte\(s\) 0xc9\)\)"):
+        build_mimic_cohort(cxr, iv)
+
+
+def test_empty_gzip_is_named(tmp_path):
+    cxr, iv = make_mimic(tmp_path)
+    with gzip.open(iv / "hosp" / "patients.csv.gz", "wb"):
+        pass
+    with pytest.raises(InputError, match=r"patients\.csv\.gz is empty"):
+        build_mimic_cohort(cxr, iv)
+
+
+def test_header_only_metadata_is_named(tmp_path):
+    cxr, iv = make_mimic(tmp_path, edit=lambda n, df: df.iloc[:0] if "metadata" in n else df)
+    with pytest.raises(InputError, match=r"no image to start from: all images in "
+                                         r"mimic-cxr-2\.0\.0-metadata\.csv\.gz is empty"):
+        build_mimic_cohort(cxr, iv)
+
+
+def test_edited_csv_beside_gz_is_not_ignored(tmp_path):
+    cxr, iv = make_mimic(tmp_path)
+    pd.read_csv(cxr / "mimic-cxr-2.0.0-chexpert.csv.gz").to_csv(cxr / "mimic-cxr-2.0.0-chexpert.csv",
+                                                                index=False)
+    with pytest.raises(InputError, match=r"both .*chexpert\.csv\.gz and .*chexpert\.csv exist"):
+        build_mimic_cohort(cxr, iv)
+
+
+@pytest.mark.parametrize("col,value", [("gender", "X"), ("anchor_age", "ninety"), ("anchor_age", "")])
+def test_patients_gender_and_age_never_silently_nan(tmp_path, col, value):
+    def edit(name, df):
+        if name == "patients.csv.gz":
+            df[col] = df[col].astype(object)
+            df.loc[3, col] = value  # line 5
+        return df
+    with pytest.raises(InputError, match=rf"patients\.csv\.gz, column '{col}': 1 value\(s\) are not "
+                                         rf".*\(line 5: "):
+        build_mimic_cohort(*make_mimic(tmp_path, edit=edit))
+
+
+def test_all_images_absent_names_the_step_and_a_path(tmp_path):
+    images = [(*im[:5], False) for im in IMAGES]
+    cxr, iv = make_mimic(tmp_path, images=images)
+    with pytest.raises(InputError, match=r"empty cohort: step 'image on disk' dropped all 6 .*"
+                                         r"e\.g\. .*files/p10/p10000001/s50000001/d1\.jpg does not "
+                                         r"exist.*metadata\.csv\.gz"):
+        build_mimic_cohort(cxr, iv)
+
+
+def test_no_frontal_image_names_the_file_and_values(tmp_path):
+    images = [(*im[:3], "LATERAL", *im[4:]) for im in IMAGES]
+    with pytest.raises(InputError, match=r"step 'frontal view' dropped all 10 .*ViewPosition values "
+                                         r"in mimic-cxr-2\.0\.0-metadata\.csv\.gz: \{'LATERAL': 10\}"):
+        build_mimic_cohort(*make_mimic(tmp_path, images=images))
+
+
+def test_lower_case_views_accepted_and_said(tmp_path):
+    images = [(*im[:3], im[3].lower(), *im[4:]) for im in IMAGES]
+    res = build_mimic_cohort(*make_mimic(tmp_path, images=images))
+    assert res.table["image_id"].tolist() == ["d1", "d3", "d5", "d10", "d6"]
+    assert set(res.table["view"]) == {"PA", "AP"}
+    reason = res.flow.set_index("step").loc["frontal view", "reason"]
+    assert "8 written in another case" in reason  # the 8 frontal images, d1 ... d10
+    assert res.notes and "accepted as frontal views" in res.notes[0]
+
+
+@pytest.mark.parametrize("gone", ["validate", "test"])
+def test_missing_split_is_named(tmp_path, gone):
+    cxr, iv = make_mimic(tmp_path, edit=lambda n, df: df[df["split"] != gone] if "split" in n else df)
+    with pytest.raises(InputError, match=rf"mimic-cxr-2\.0\.0-split\.csv\.gz: no kept image is in split\(s\) "
+                                         rf"\['{gone}'\].*has no row with split '{gone}'"):
+        build_mimic_cohort(cxr, iv)
+
+
+def test_split_emptied_by_exclusions_says_so(tmp_path):
+    images = [(*im[:5], False) if im[4] == "test" else im for im in IMAGES]
+    with pytest.raises(InputError, match=r"\['test'\].*all 2 'test' images of .*split\.csv\.gz "
+                                         r"were excluded"):
+        build_mimic_cohort(*make_mimic(tmp_path, images=images))
+
+
+# -- unreadable images ---------------------------------------------------------------
+
+def _damage(path, kind):
+    if kind == "garbage":
+        path.write_bytes(b"\xff\xd8\xff this is not a JPEG")
+    elif kind == "truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(path, quality=95)
+        path.write_bytes(path.read_bytes()[:400])
+    else:
+        path.write_bytes(b"")
+
+
+def _cohort_and_cache(tmp_path, damaged=("d3",), kind="garbage"):
+    cxr, iv = make_mimic(tmp_path)
+    res = build_mimic_cohort(cxr, iv)
+    for d in damaged:
+        _damage(cxr / res.table.set_index("image_id").loc[d, "path"], kind)
+    rep = image_cache.build_cache([cxr / p for p in res.table["path"]], tmp_path / "cache", 4,
+                                  workers=1, progress=False)
+    return res, rep
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "zero_bytes"])
+def test_unreadable_image_excluded_counted_and_listed(tmp_path, kind):
+    res, rep = _cohort_and_cache(tmp_path, kind=kind)
+    assert rep.n_failed == 1
+    out = exclude_unreadable(res, rep, max_share=0.5, list_path=tmp_path / "unreadable.csv")
+    assert out.table["image_id"].tolist() == ["d1", "d5", "d10", "d6"]
+    assert out.table["row"].tolist() == [0, 2, 3, 4]  # the cache's rows, d3's row 1 left out
+    last = out.flow.iloc[-1]
+    assert last["step"] == "image readable" and last["dropped_images"] == 1 and last["images"] == 4
+    assert "unreadable.csv" in last["reason"]
+    assert out.exclusions.set_index("image_id").loc["d3", "step"] == "image readable"
+    assert len(out.exclusions) == out.flow["dropped_images"].sum()
+    lst = pd.read_csv(tmp_path / "unreadable.csv", dtype=str)
+    assert lst["image_id"].tolist() == ["d3"] and lst["row"].tolist() == ["1"]
+    assert lst["error"].str.len().min() > 0
+    # the cache is indexed by the kept rows; the unreadable row and len(table) are refused
+    mm = image_cache.open_cache(tmp_path / "cache", 4, rows=out.table["row"])
+    assert all(int(mm[r].max()) == 100 for r in out.table["row"])
+    with pytest.raises(RuntimeError, match=r"could not be read.*\[1\].*failed_4\.csv"):
+        image_cache.open_cache(tmp_path / "cache", 4, rows=res.table["row"])
+    with pytest.raises(RuntimeError, match=r"holds 5 images, expected 4 \(1 of them unreadable.*rows="):
+        image_cache.open_cache(tmp_path / "cache", 4, expected_n=len(out.table))
+
+
+def test_unreadable_share_above_threshold_stops(tmp_path):
+    res, rep = _cohort_and_cache(tmp_path)
+    with pytest.raises(InputError, match=r"1 of 5 images \(20\.0%\) could not be read.*"
+                                         r"max_unreadable_share=0\.01; listed in .*failed_4\.csv"):
+        exclude_unreadable(res, rep)  # default 1%
+
+
+def test_unreadable_count_reported_when_zero(tmp_path):
+    res, rep = _cohort_and_cache(tmp_path, damaged=())
+    out = exclude_unreadable(res, rep)
+    assert out.flow.iloc[-1]["step"] == "image readable" and out.flow.iloc[-1]["dropped_images"] == 0
+    assert "unreadable images: 0 (excluded" in terminal_summary(out.table, out.flow)
+    assert "unreadable images: not checked" in terminal_summary(res.table, res.flow)
+
+
+def test_unreadable_emptying_a_split_is_named(tmp_path):
+    res, rep = _cohort_and_cache(tmp_path, damaged=("d6",))
+    with pytest.raises(InputError, match=r"after excluding the unreadable images listed in .*failed_4\.csv: "
+                                         r"no kept image is in split\(s\) \['test'\]"):
+        exclude_unreadable(res, rep, max_share=0.5)
+
+
+def test_cache_of_another_table_refused(tmp_path):
+    res, rep = _cohort_and_cache(tmp_path)
+    other = res.table.iloc[::-1].reset_index(drop=True)
+    from d3m_lib.cohort import CohortResult
+    with pytest.raises(ValueError, match="built from another table"):
+        exclude_unreadable(CohortResult(other, res.flow, res.exclusions), rep, max_share=0.5)
+
+
+# -- groups --------------------------------------------------------------------------
+
+def _two_group_images():
+    # a Black patient in validate as well, so White and Black each have train and validate images
+    return IMAGES + [("d11", "10000007", "50000009", "PA", "validate", True)]
+
+
+def _two_group_edit(name, df):
+    if "chexpert" in name:
+        df = pd.concat([df, pd.DataFrame([_labels_row("10000007", "50000009")])], ignore_index=True)
+    return df
+
+
+def _two_group_adm():
+    return ADMISSIONS + [("10000007", "20000009", "2150-01-01 10:00:00", "BLACK/AFRICAN")]
+
+
+def test_finalize_end_to_end(tmp_path):
+    cxr, iv = make_mimic(tmp_path, images=_two_group_images(), admissions=_two_group_adm(),
+                         edit=_two_group_edit)
+    res = build_mimic_cohort(cxr, iv)
+    _damage(cxr / res.table.set_index("image_id").loc["d1", "path"], "truncated")
+    # d1 is White's only train image: excluding it leaves one usable group
+    rep = image_cache.build_cache([cxr / p for p in res.table["path"]], tmp_path / "c", 4,
+                                  workers=1, progress=False)
+    with pytest.raises(InputError, match=r"only 1 group\(s\) \['Black or African American'\] reach "
+                                         r"min_group_n=1 .*White 0/1"):
+        finalize(res, rep, max_unreadable_share=0.5, min_group_n=1)
+    ok = finalize(res, None, min_group_n=1)
+    assert ok.warnings and ok.warnings[0].startswith("WARNING: 3 of 9 images")  # 8 frontal + d11
+
+
+def test_groups_need_two_usable_groups(tmp_path):
+    res = build_mimic_cohort(*make_mimic(tmp_path, images=_two_group_images(),
+                                         admissions=_two_group_adm(), edit=_two_group_edit))
+    assert check_groups(res, min_group_n=1) == []
+    with pytest.raises(InputError, match=r"only 0 group\(s\) \[\] reach min_group_n=2 .*"
+                                         r"too few images per group.*White 1/1"):
+        check_groups(res, min_group_n=2)
+
+
+@pytest.mark.parametrize("case,why", [
+    ("empty", r"admissions\.csv\.gz has no rows"),
+    ("no_overlap", r"no admission in .*admissions\.csv\.gz matched any X-ray patient \(0 of 5"),
+    ("blank_race", r"the race column of .*admissions\.csv\.gz is empty \(all 7 rows blank\)"),
+])
+def test_no_race_groups_says_why(tmp_path, case, why):
+    def edit(name, df):
+        if name == "admissions.csv.gz":
+            if case == "empty":
+                return df.iloc[:0]
+            if case == "no_overlap":
+                df["subject_id"] = df["subject_id"].str.replace("^1", "9", regex=True)
+            if case == "blank_race":
+                df["race"] = np.nan
+        return df
+    res = build_mimic_cohort(*make_mimic(tmp_path, edit=edit))
+    assert set(res.table["group"]) == {"Unknown"}
+    with pytest.raises(InputError, match=why):
+        check_groups(res, min_group_n=1)
+
+
+def test_missing_race_share_warns(tmp_path):
+    adm = [a for a in ADMISSIONS if a[0] in ("10000001", "10000006")]  # 2 of 6 patients
+    res = build_mimic_cohort(*make_mimic(tmp_path, images=_two_group_images(), admissions=adm,
+                                         edit=_two_group_edit))
+    w = check_groups(res, min_group_n=1, ignore_groups=())
+    assert len(w) == 1 and w[0].startswith("WARNING: 66.7% of the patients (4 of 6) have no admission "
+                                           "in admissions.csv.gz")
+    assert check_groups(res, min_group_n=1, max_missing_race_share=0.7, ignore_groups=()) == []
+
+
+# -- the terminal summary ------------------------------------------------------------
+
+def test_terminal_summary_and_partial_download_warning(tmp_path):
+    # a partial download: 4 of the 9 frontal images are missing
+    images = [(*im[:5], False) if im[0] in ("d1", "d5") else im for im in IMAGES]
+    images += [("d12", "12000005", "50000006", "PA", "test", False)]
+    res = build_mimic_cohort(*make_mimic(tmp_path, images=images))
+    s = terminal_summary(res.table, res.flow, res.patients, res.notes, max_drop_share=0.10)
+    lines = s.splitlines()
+    assert lines[0].startswith("Cohort: 3 of 11 images kept (8 dropped);")
+    assert "patients kept" in lines[0] and "studies kept" in lines[0]
+    assert "image on disk 4" in s and "unreadable images: not checked" in s
+    assert "images per split: train 1, validate 1, test 1" in s
+    assert any(x.strip().startswith("Asian") and "1 (0 / 0 / 1), 1 patients" in x for x in lines)
+    warn = [x for x in lines if x.startswith("WARNING:")]
+    assert len(warn) == 1 and "6 of 9 images (66.7%)" in warn[0] and "'image on disk' 4" in warn[0]
+    assert not [x for x in terminal_summary(res.table, res.flow, max_drop_share=0.7).splitlines()
+                if x.startswith("WARNING")]
+
+
+def test_lateral_views_never_count_as_a_large_drop(tmp_path):
+    res = build_mimic_cohort(*make_mimic(tmp_path))
+    # 5 of 10 listed images dropped, 2 of them laterals/blank: 3 of 8 frontal = 37.5%
+    s = terminal_summary(res.table, res.flow, max_drop_share=0.4)
+    assert "WARNING" not in s
+    assert "3 of 8 images (37.5%)" in terminal_summary(res.table, res.flow, max_drop_share=0.3)
