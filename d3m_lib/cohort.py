@@ -637,8 +637,8 @@ def drop_warnings(flow: pd.DataFrame, max_drop_share: float = 0.10) -> list[str]
     by = data[data["dropped_images"] > 0].sort_values("dropped_images", ascending=False)
     what = ", ".join(f"'{s}' {int(k):,} ({r})" for s, k, r in
                      zip(by["step"], by["dropped_images"], by["reason"]))
-    return [f"WARNING: {lost:,} of {base:,} images ({lost / base:.1%}) were dropped after "
-            f"{'the design steps ' + str(list(DESIGN_STEPS)) if last_design else 'the start'}, "
+    after = f"left after step '{flow['step'].iloc[last_design]}'" if last_design else "listed"
+    return [f"WARNING: {lost:,} of {base:,} images ({lost / base:.1%}) {after} were dropped, "
             f"more than max_drop_share={max_drop_share:g}: {what}"]
 
 
