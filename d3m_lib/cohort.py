@@ -15,9 +15,16 @@ name is accepted too):
   ``<mimic_iv_dir>/hosp/patients.csv.gz`` (``subject_id, gender, anchor_age``).
 
 ``build_mimic_cohort`` validates these files (errors name the file and the
-problem), applies the exclusion steps in a fixed order and counts every dropped
-image in a flow table; the excluded images themselves are listed with their step
-and reason in ``exclusions``. Output format: ARCHITECTURE.md, "Cohort table".
+problem, and the line and column where one applies), applies the exclusion steps
+in a fixed order and counts every dropped image in a flow table; the excluded
+images themselves are listed with their step and reason in ``exclusions``. A
+step that would leave no image, or a split without images, stops the build.
+
+After the image cache is built, ``finalize`` drops the images the cache could
+not decode (``exclude_unreadable``), checks that at least two groups are large
+enough to compare (``check_groups``) and collects warnings;
+``terminal_summary`` renders the cohort for the terminal. Output format:
+ARCHITECTURE.md, "Cohort table".
 """
 
 from __future__ import annotations
@@ -356,10 +363,20 @@ def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
     ``race_rule``. Labels: ``apply_label_policy``. The official split is used as
     given, after checking that it is patient-disjoint.
 
+    View codes are compared case-insensitively (``pa`` is PA; counted in the
+    flow reason and ``notes``). ``patients.csv``: gender must be F/M and
+    anchor_age a whole number 0-120, as MIMIC-IV ships them; anything else
+    stops the build naming line and value (a silent NaN would bias the
+    demographics). ``diagnostics`` records admissions rows, blank race cells and
+    patients without an admission, for ``check_groups``.
+
     Raises FileNotFoundError (missing file, with the expected path) or
     ValueError (missing columns, duplicate ids, unknown race strings, label
     values outside {1, 0, -1, blank}, a patient in two splits, ids that
-    disagree between metadata and split file).
+    disagree between metadata and split file); the subclass InputError for a
+    file that is empty, not gzip though named .gz, a cut gzip, not UTF-8, a
+    ``.csv`` beside its ``.csv.gz``, bad gender/age values, a step that leaves
+    no image, or a split (train/validate/test) without images.
     """
     from . import race  # imported here: race.py owns the race mapping and rule
 
@@ -478,9 +495,13 @@ def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
                                 else f"all {given[s]:,} '{s}' images of {f_split.name} were excluded"))
     pats = rc.loc[table["subject_id"].unique(), ["group", "race_rule"]].reset_index()
     p = pat.set_index("subject_id")
-    # Patients with images but no row in patients.csv keep sex/age NaN (not recorded).
+    # Patients with images but no row in patients.csv keep sex/age NaN, counted in a note.
     pats["sex"] = pats["subject_id"].map(p["gender"]).map(SEX_CODES)
     pats["age"] = pd.to_numeric(pats["subject_id"].map(p["anchor_age"]))
+    no_row = int(pats["sex"].isna().sum())
+    if no_row:
+        notes.append(f"{f_pat.name}: {no_row:,} of {len(pats):,} kept patients have no row; their "
+                     f"sex and age are unrecorded in the demographics")
     return CohortResult(table, flow.table(), flow.exclusions(), pats, notes=notes,
                         diagnostics=diagnostics)
 

@@ -561,3 +561,11 @@ def test_lateral_views_never_count_as_a_large_drop(tmp_path):
     s = terminal_summary(res.table, res.flow, max_drop_share=0.4)
     assert "WARNING" not in s
     assert "3 of 8 images (37.5%)" in terminal_summary(res.table, res.flow, max_drop_share=0.3)
+
+
+def test_patient_without_patients_row_is_counted(tmp_path):
+    cxr, iv = make_mimic(tmp_path, edit=lambda n, df: df[df["subject_id"] != "10000003"]
+                         if n == "patients.csv.gz" else df)
+    res = build_mimic_cohort(cxr, iv)
+    assert res.patients.set_index("subject_id")["sex"].isna().sum() == 1
+    assert any(n.startswith("patients.csv.gz: 1 of 5 kept patients have no row") for n in res.notes)
