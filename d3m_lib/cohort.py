@@ -321,8 +321,9 @@ def check_splits(table: pd.DataFrame, where: str, why=None) -> None:
     empty = [s for s in SPLITS if not n.get(s, 0)]
     if empty:
         reasons = "; ".join(why(s) for s in empty) if why else ""
+        per = ", ".join(f"{s}: {int(n.get(s, 0))}" for s in SPLITS)
         raise InputError(f"{where}: no kept image is in split(s) {empty} "
-                         f"(kept images per split: {{{', '.join(f'{s}: {int(n.get(s, 0))}' for s in SPLITS)}}})"
+                         f"(kept images per split: {{{per}}})"
                          f"{'; ' + reasons if reasons else ''}. The study trains on train, chooses "
                          f"thresholds on validate and reports on test: it needs all three")
 
@@ -696,8 +697,8 @@ def terminal_summary(table: pd.DataFrame, flow: pd.DataFrame, patients: pd.DataF
     lines.append(f"  groups ({len(c)}): images (train / validate / test), patients")
     w = max((len(str(g)) for g in c.index), default=0)
     for g in c.index:
-        lines.append(f"    {str(g):<{w}}  {int(c.loc[g].sum()):>8,} ({' / '.join(f'{int(v):,}' for v in c.loc[g])})"
-                     f", {int(pat[g]):,} patients")
+        per = " / ".join(f"{int(v):,}" for v in c.loc[g])
+        lines.append(f"    {str(g):<{w}}  {int(c.loc[g].sum()):>8,} ({per}), {int(pat[g]):,} patients")
     lines += [f"  note: {x}" for x in notes]
     seen = []
     for x in [*warnings, *drop_warnings(flow, max_drop_share)]:
