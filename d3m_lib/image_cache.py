@@ -7,7 +7,10 @@ Files in ``cache_dir`` for an image size ``px``:
 - ``done_<px>.npy``: bool (N,), True once row i is written; saved after every
   chunk, so an interrupted build resumes and skips finished rows;
 - ``failed_<px>.csv``: ``index, path, error`` of images that could not be read
-  (their pixels stay 0): counted and reported, not fatal;
+  (their pixels stay 0). Not fatal here: ``cohort.exclude_unreadable`` drops them
+  from the cohort table (which keeps each image's cache ``row``, so the cache is
+  decoded once and never rewritten), and ``open_cache(rows=...)`` refuses a
+  table that still refers to one of them;
 - ``meta_<px>.json``: N, size, SHA-256 of the path list, ``complete``. A cache
   whose path list differs from the one asked for is rebuilt (with a printed
   message), never reused.
@@ -57,6 +60,7 @@ class CacheReport:
     seconds: float
     n_decoded: int = 0
     reused: bool = False
+    failed_path: Path | None = None  # failed_<px>.csv, the list of unreadable images
 
 
 def cache_files(cache_dir: str | Path, image_size: int) -> dict[str, Path]:
@@ -211,16 +215,20 @@ def build_cache(paths: Sequence[str | Path], cache_dir: str | Path, image_size: 
         print(f"[image_cache] {len(fdf)} of {n} images could not be read (pixels left 0); "
               f"listed in {f['failed']}")
     return CacheReport(n=n, n_failed=len(fdf), failed=fdf, seconds=time.perf_counter() - t0,
-                       n_decoded=len(todo), reused=reused)
+                       n_decoded=len(todo), reused=reused, failed_path=f["failed"])
 
 
 def open_cache(cache_dir: str | Path, image_size: int, expected_n: int | None = None,
-               paths: Sequence[str | Path] | None = None) -> np.memmap:
-    """The cached images, read-only, shape (N, px, px).
+               paths: Sequence[str | Path] | None = None,
+               rows: Sequence[int] | None = None) -> np.memmap:
+    """The cached images, read-only, shape (N, px, px), N = images the cache was built from.
 
     Raises FileNotFoundError if there is no cache of that size, RuntimeError if
-    it is incomplete, or if ``expected_n`` / ``paths`` (optional checks against
-    the cohort table) do not match what it was built from.
+    it is incomplete, or if the optional checks fail: ``expected_n`` (the
+    cache's own N), ``paths`` (the path list it was built from), ``rows`` (the
+    cohort table's ``row`` column: every row must lie in 0..N-1 and none may be
+    an image listed as unreadable in ``failed_<px>.csv``). Pass ``rows`` for a
+    cohort from ``cohort.exclude_unreadable``: its table is shorter than N.
     """
     px = int(image_size)
     f = cache_files(cache_dir, px)
@@ -228,12 +236,28 @@ def open_cache(cache_dir: str | Path, image_size: int, expected_n: int | None = 
         raise FileNotFoundError(f"no {px}px image cache in {cache_dir} (expected {f['images'].name} "
                                 f"and {f['meta'].name}); run build_cache first")
     meta = json.loads(f["meta"].read_text())
+    n = int(meta["n"])
     done = np.load(f["done"]) if f["done"].exists() else np.zeros(0, bool)
-    if not meta.get("complete") or len(done) != meta["n"] or not done.all():
+    if not meta.get("complete") or len(done) != n or not done.all():
         raise RuntimeError(f"image cache {f['images']} is incomplete ({int(done.sum())} of "
-                           f"{meta['n']} images); run build_cache again to finish it")
-    if expected_n is not None and meta["n"] != expected_n:
-        raise RuntimeError(f"image cache {f['images']} holds {meta['n']} images, expected {expected_n}")
+                           f"{n} images); run build_cache again to finish it")
+    if expected_n is not None and n != expected_n:
+        n_failed = int(meta.get("n_failed", 0))
+        hint = (f" ({n_failed} of them unreadable: a cohort without them keeps the cache's row "
+                f"numbers, check it with rows=cohort['row'] instead of expected_n)" if n_failed else "")
+        raise RuntimeError(f"image cache {f['images']} holds {n} images, expected {expected_n}{hint}")
     if paths is not None and paths_hash(paths) != meta["paths_sha256"]:
         raise RuntimeError(f"image cache {f['images']} was built from another path list; rebuild it")
-    return np.memmap(f["images"], dtype=np.uint8, mode="r", shape=(max(meta["n"], 1), px, px))[:meta["n"]]
+    if rows is not None:
+        r = np.asarray(rows, dtype=np.int64)
+        out = r[(r < 0) | (r >= n)]
+        if len(out):
+            raise RuntimeError(f"image cache {f['images']} holds rows 0..{n - 1}, but {len(out)} "
+                               f"row(s) asked for lie outside (e.g. {out[:5].tolist()}); "
+                               f"the cohort table and the cache do not belong together")
+        bad = np.intersect1d(r, [i for i, _, _ in _read_failed(f["failed"])])
+        if len(bad):
+            raise RuntimeError(f"{len(bad)} row(s) asked for are images that could not be read "
+                               f"(e.g. {bad[:5].tolist()}, listed in {f['failed']}); exclude them "
+                               f"from the cohort with cohort.exclude_unreadable")
+    return np.memmap(f["images"], dtype=np.uint8, mode="r", shape=(max(n, 1), px, px))[:n]

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cohort import CohortResult, Flow, finalize_table
+from .cohort import (CohortResult, Flow, InputError, bad_values, check_splits, finalize_table,
+                     frontal_views, read_table)
 from .constants import FINDINGS, FRONTAL_VIEWS, SPLITS
 
 LABEL_FILE = "Data_Entry_2017_v2020.csv"
@@ -151,39 +152,52 @@ def build_nih_cohort(nih_dir: str | Path, group: str = "sex", age_bands=(40, 60,
     f = nih_dir / LABEL_FILE
     if not f.is_file():
         raise FileNotFoundError(f"NIH ChestX-ray14 label file not found: expected {f}")
-    raw = pd.read_csv(f, dtype=str, keep_default_na=False, na_values=[""])
+    raw = read_table(f)
     missing = [c for c in REQUIRED if c not in raw.columns]
     if missing:
-        raise ValueError(f"{f.name} lacks required column(s) {missing}; found {list(raw.columns)}")
+        raise InputError(f"{f.name} lacks required column(s) {missing}; found {list(raw.columns)}")
     d = raw["Image Index"].duplicated(keep=False)
     if d.any():
-        raise ValueError(f"{f.name}: {int(d.sum())} rows share a duplicate 'Image Index', "
+        raise InputError(f"{f.name}: {int(d.sum())} rows share a duplicate 'Image Index', "
                          f"e.g. {raw.loc[d, 'Image Index'].head(3).tolist()}")
+    # A blank age is counted as unknown (age-band groups drop it in the flow); a
+    # non-number such as 'ninety' means an edited file: stop, naming line and value.
+    age = pd.to_numeric(raw["Patient Age"], errors="coerce")
+    bad_values(raw, "Patient Age", age.isna() & raw["Patient Age"].notna(), f.name, "numbers")
 
     df = pd.DataFrame({
         "image_id": raw["Image Index"].str.strip(),
         "subject_id": raw["Patient ID"].str.strip().str.replace(r"\.0$", "", regex=True),
         "view": raw["View Position"].str.strip(),
         "sex": raw["Patient Gender"].str.strip().map(SEX),
-        "age": pd.to_numeric(raw["Patient Age"], errors="coerce"),
+        "age": age,
     })
     df["study_id"] = df["image_id"].str.replace(r"\.[^.]+$", "", regex=True)
     df = pd.concat([df, nih_labels(raw["Finding Labels"], f.name)], axis=1)
-    flow = Flow(df, "label file", f"all rows of {f.name}")
-    flow.keep(flow.df["view"].isin(FRONTAL_VIEWS), "frontal view", "View Position not PA or AP")
+    flow = Flow(df, "label file", f"all rows of {f.name}", hint=f" ({f})")
+    view_reason, view_note = frontal_views(flow.df, "view", f.name, "View Position")
+    notes = [view_note] if view_note else []
+    flow.keep(flow.df["view"].isin(FRONTAL_VIEWS), "frontal view",
+              view_reason.replace(" (lateral, other or blank)", ""),
+              hint=f"; View Position values in {f.name}: "
+                   f"{flow.df['view'].value_counts(dropna=False).head(8).to_dict()}")
 
     found = find_images(nih_dir) if check_images else {}
     flow.df["path"] = flow.df["image_id"].map(found) if check_images else "images/" + flow.df["image_id"]
     if check_images:
         flow.keep(flow.df["path"].notna(), "image on disk",
-                  "listed in the label file but no file under images/ or images_*/images/")
+                  "listed in the label file but no file under images/ or images_*/images/",
+                  hint=f": no image of {f.name} was found under {nih_dir / 'images'} or "
+                       f"{nih_dir / 'images_*/images'}")
 
     if group == "sex":
         flow.df["group"] = flow.df["sex"]
-        flow.keep(flow.df["group"].notna(), "group known", "Patient Gender not M or F")
+        flow.keep(flow.df["group"].notna(), "group known", "Patient Gender not M or F",
+                  hint=f" (column 'Patient Gender' of {f.name})")
     else:
         ok = flow.df["age"].between(0, 120)
-        flow.keep(ok, "group known", "Patient Age blank or outside 0-120")
+        flow.keep(ok, "group known", "Patient Age blank or outside 0-120",
+                  hint=f" (column 'Patient Age' of {f.name})")
         edges = [-np.inf, *age_bands, np.inf]
         flow.df["group"] = pd.cut(flow.df["age"], edges, right=False,
                                   labels=age_band_labels(age_bands)).astype(str)
@@ -191,6 +205,12 @@ def build_nih_cohort(nih_dir: str | Path, group: str = "sex", age_bands=(40, 60,
     sp = patient_split(flow.df["subject_id"], split_fractions, seed)
     flow.df["split"] = flow.df["subject_id"].map(sp)
     table = finalize_table(flow.df)
+    check_splits(table, f"{f.name} (split drawn by nih.patient_split over "
+                        f"{len(sp):,} patients, fractions {tuple(split_fractions)})")
+    other_sex = int(flow.df["sex"].isna().sum())
+    if other_sex:  # only reachable with age-band groups; group="sex" drops them in the flow
+        notes.append(f"{f.name}: {other_sex:,} kept image(s) have a Patient Gender other than M/F; "
+                     f"their sex is unrecorded in the demographics")
     pats = flow.df.sort_values("age").groupby("subject_id", sort=True).agg(
         group=("group", "first"), sex=("sex", "first"), age=("age", "first")).reset_index()
-    return CohortResult(table, flow.table(), flow.exclusions(), pats)
+    return CohortResult(table, flow.table(), flow.exclusions(), pats, notes=notes)

@@ -125,3 +125,14 @@ def test_parallel_workers_match_serial(tmp_path):
 def test_open_cache_without_build(tmp_path):
     with pytest.raises(FileNotFoundError, match="build_cache"):
         open_cache(tmp_path, 32)
+
+
+def test_open_cache_rows_checked(tmp_path):
+    paths = constant_pngs(tmp_path / "img", [10, 20, 30])
+    build_cache(paths, tmp_path / "cache", 4, workers=1, progress=False)
+    assert open_cache(tmp_path / "cache", 4, rows=[0, 2]).shape == (3, 4, 4)
+    with pytest.raises(RuntimeError, match=r"rows 0\.\.2, but 1 row\(s\) asked for lie outside "
+                                           r"\(e\.g\. \[3\]\)"):
+        open_cache(tmp_path / "cache", 4, rows=[0, 3])
+    with pytest.raises(RuntimeError, match=r"holds 3 images, expected 2$"):
+        open_cache(tmp_path / "cache", 4, expected_n=2)

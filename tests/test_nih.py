@@ -83,7 +83,8 @@ ROWS = [
     ("00000002_000.png", "Hernia", 0, 2, 30, "F", "AP", 2048, 2048),
     ("00000003_000.png", "Infiltration", 0, 3, 70, "X", "PA", 2048, 2048),
     ("00000004_000.png", "Nodule", 0, 4, 70, "F", "LL", 2048, 2048),
-]
+] + [(f"000000{p:02d}_000.png", "No Finding", 0, p, 40, "F", "PA", 2048, 2048)
+     for p in range(5, 14)]  # enough patients for every split
 
 
 def test_exclusions_counted_and_release_layout(tmp_path):
@@ -91,9 +92,11 @@ def test_exclusions_counted_and_release_layout(tmp_path):
     res = build_nih_cohort(nih, group="sex")
     assert dict(zip(res.flow["step"], res.flow["dropped_images"])) == {
         "label file": 0, "frontal view": 1, "image on disk": 1, "group known": 1}
-    assert res.table["image_id"].tolist() == ["00000001_000.png", "00000001_001.png"]
-    assert res.table["path"].iloc[0] == "images_001/images/00000001_000.png"
-    r0 = res.table.iloc[0]
+    t = res.table.set_index("image_id")
+    assert {"00000001_000.png", "00000001_001.png"} <= set(t.index) and len(t) == 11
+    assert not {"00000002_000.png", "00000003_000.png", "00000004_000.png"} & set(t.index)
+    assert t.loc["00000001_000.png", "path"] == "images_001/images/00000001_000.png"
+    r0 = t.loc["00000001_000.png"]
     assert r0["Pleural Effusion"] == 1 and r0["Lung Lesion"] == 1 and r0["No Finding"] == 0
     assert set(res.exclusions["reason"].str[:20]) == {"View Position not PA", "listed in the label ",
                                                       "Patient Gender not M"}
@@ -132,3 +135,44 @@ def test_label_map_and_bands():
     assert age_band_labels((40, 60)) == ["<40", "40-59", "60+"]
     with pytest.raises(ValueError):
         age_band_labels((60, 40))
+
+
+# -- damaged inputs (issue 13) ---------------------------------------------------------
+
+from d3m_lib.cohort import InputError  # noqa: E402
+
+
+def test_lower_case_view_accepted_and_said(tmp_path):
+    rows = [r if r[0] != "00000001_000.png" else (*r[:6], "pa", *r[7:]) for r in ROWS]
+    res = build_nih_cohort(_fixture(tmp_path, rows), group="sex")
+    assert "00000001_000.png" in set(res.table["image_id"]) and set(res.table["view"]) <= {"PA", "AP"}
+    assert "1 written in another case" in res.flow.set_index("step").loc["frontal view", "reason"]
+    assert "View Position" in res.notes[0]
+
+
+def test_age_that_is_not_a_number_is_named(tmp_path):
+    rows = [r if r[0] != "00000002_000.png" else (*r[:4], "ninety", *r[5:]) for r in ROWS]
+    with pytest.raises(InputError, match=r"Data_Entry_2017_v2020\.csv, column 'Patient Age': 1 value\(s\) "
+                                         r"are not numbers \(line 4: 'ninety'\)"):
+        build_nih_cohort(_fixture(tmp_path, rows), group="sex")
+
+
+def test_empty_label_file_is_named(tmp_path):
+    nih = _fixture(tmp_path, ROWS)
+    (nih / "Data_Entry_2017_v2020.csv").write_bytes(b"")
+    with pytest.raises(InputError, match=r"Data_Entry_2017_v2020\.csv is empty"):
+        build_nih_cohort(nih)
+
+
+def test_no_image_found_is_named(tmp_path):
+    nih = _fixture(tmp_path, ROWS, missing=[r[0] for r in ROWS])
+    with pytest.raises(InputError, match=r"step 'image on disk' dropped all 13 .*no image of "
+                                         r"Data_Entry_2017_v2020\.csv was found under .*images"):
+        build_nih_cohort(nih)
+
+
+def test_too_few_patients_for_every_split_is_named(tmp_path):
+    nih = _fixture(tmp_path, ROWS[:5])  # two patients kept
+    with pytest.raises(InputError, match=r"Data_Entry_2017_v2020\.csv \(split drawn by nih\.patient_split "
+                                         r"over 2 patients.*no kept image is in split\(s\)"):
+        build_nih_cohort(nih, group="sex")
