@@ -122,6 +122,14 @@ PARAMS: tuple[Param, ...] = (
       choices=("unknown", "exclude")),
     P("image_size", 24, "pixels of the cached images the models see (px x px)", (S01,), type="int",
       check=_range(8, 1024)),
+    P("max_unreadable_share", 0.01, "stop when more than this share of the cohort's images cannot be decoded",
+      (S01,), type="float", check=_range(0, 1)),
+    P("cohort_min_group_n", 20, "a group counts with this many labelled images in train and in validate; "
+      "the study needs two such groups", (S01,), type="int", check=_range(1)),
+    P("max_missing_race_share", 0.5, "warn when more than this share of patients has no MIMIC-IV admission",
+      (S01,), type="float", check=_range(0, 1)),
+    P("max_drop_share", 0.10, "warn when the steps after the frontal-view filter drop more than this share",
+      (S01,), type="float", check=_range(0, 1)),
     P("cache_workers", 1, "processes decoding images", (S01,), kind="view", type="int", check=_range(1)),
     # -- privacy: what the notebooks may show (never a result) -------------------
     P("credentialed", "auto", "true, false or auto (true for real MIMIC)", (S01, S04, S06, S07),

@@ -357,13 +357,16 @@ class RunDir:
 
         return pd.read_parquet(self.require("01_cohort") / "cohort.parquet", columns=columns)
 
-    def images(self, n: int | None = None):
-        """Stage 01's image cache (a read-only ``N x px x px`` uint8 memmap)."""
+    def images(self, rows=None):
+        """Stage 01's image cache (a read-only ``N x px x px`` uint8 memmap), indexed by the cohort's ``row``.
+
+        ``rows``: the cohort's ``row`` column, checked to lie in the cache and to be readable images.
+        """
         from .image_cache import open_cache
 
         m = self.manifest("01_cohort") or {}
         return open_cache(self.require("01_cohort") / "image_cache", m.get("params", {}).get("image_size"),
-                          expected_n=n)
+                          rows=rows)
 
     def findings(self) -> list[str]:
         """The findings stage 02 chose."""
