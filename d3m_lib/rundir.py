@@ -419,6 +419,7 @@ class RunDir:
             raise ConfigError(f"{d} holds files but no {MANIFEST}: not made by this library, or copied "
                               f"by hand; move them away before running stage {name} here")
         d.mkdir(parents=True, exist_ok=True)
+        _own_files(d)
         self._write_manifest(name, {
             "stage": name, "fingerprint": fp, "params": params, "upstream": upstream, "code": code,
             "complete": False, "started_at": _now(), "resumed": old is not None and old.get("fingerprint") == fp,
@@ -444,6 +445,19 @@ class RunDir:
             if self.executed(name).exists():
                 self.executed(name).unlink()
             link(ex, self.executed(name))
+
+
+def _own_files(folder: Path) -> None:
+    """Give this folder its own copy of files it shares by hard link with another run.
+
+    A stage taken from another run (:meth:`RunDir.adopt`) shares its files; a stage
+    that resumes here may rewrite them in place, which must never reach the other run.
+    """
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink() and f.stat().st_nlink > 1:
+            tmp = f.with_name(f.name + ".own")
+            shutil.copy2(f, tmp)
+            os.replace(tmp, f)
 
 
 def fork_name(run_path: Path, changed: Mapping[str, Any]) -> Path:

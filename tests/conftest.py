@@ -121,3 +121,20 @@ def execute_tiny(nbs: Path, run_dir: Path, **params) -> Path:
     for nb in sorted(nbs.glob("*.ipynb")):
         execute_notebook(nb, run_dir / "executed" / nb.name, {"run_dir": str(run_dir), **params})
     return run_dir
+
+
+# -- the smoke run: every real notebook on params/smoke.yaml, once per session -------
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """``python -m d3m_lib run params/smoke.yaml --run-dir <tmp>/smoke --book``: (run_dir, stdout)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "d3m_lib", "run", "params/smoke.yaml",
+                           "--run-dir", str(run_dir), "--book"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout[-5000:] + "\n" + proc.stderr[-5000:])
+    return run_dir, proc.stdout

@@ -75,21 +75,6 @@ def test_check_book_sees_figures_tables_and_broken_images(tmp_path, built_tiny_b
     assert "PROBLEM notebooks/01_glue.html: missing file" in bad.stdout
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """``python -m d3m_lib run params/smoke.yaml --run-dir <tmp> --book``, once per session."""
-    if MISSING:
-        pytest.skip(f"notebooks not written yet: {', '.join(MISSING)}")
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "d3m_lib", "run", "params/smoke.yaml",
-                           "--run-dir", str(run_dir), "--book"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, (proc.stdout[-5000:] + "\n" + proc.stderr[-5000:])
-    return run_dir, proc.stdout
-
-
 @pytest.mark.smoke
 def test_smoke_run_executes_every_notebook_and_builds_the_book(smoke_run):
     run_dir, stdout = smoke_run
