@@ -3,7 +3,7 @@
 Quality (``--quality``): a synthetic cohort (``d3m_lib.synthetic``, planted harm recorded)
 and a ResNet-9 small enough (width 1, ~1.7k parameters) that exact, unprojected
 per-example gradients fit and ``X^T X`` is invertible (parameters < training images).
-Exact TRAK is ``X (X^T X)^-1 g * Q`` on those gradients (one checkpoint). Each featurizer
+Exact TRAK is ``X (X^T X)^+ g * Q`` (pseudo-inverse: dead units give zero gradient columns) on those gradients (one checkpoint). Each featurizer
 runs through ``attribution.TrakScorer`` at the same ``--proj-dim``; the table gives the
 Spearman correlation of its D3M alignment scores ``A_i`` (race groups, softmax beta=1, the
 base model's group losses) with the exact ones, the mean per-target Spearman of raw
@@ -73,7 +73,7 @@ def exact_trak(model, images, train_rows, y_train, target_rows, y_target):
     with torch.no_grad():
         m = (2 * torch.as_tensor(y_train) - 1) * model(x).reshape(-1)
     q = torch.sigmoid(-m).double().numpy()[:, None]
-    phi = X @ np.linalg.inv(X.T @ X)
+    phi = X @ np.linalg.pinv(X.T @ X, hermitian=True)  # pseudo-inverse: dead units give zero columns
     return (phi @ G.T) * q, X.shape[1]
 
 

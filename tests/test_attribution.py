@@ -204,6 +204,9 @@ def test_load_scorer_round_trip(tmp_path):
     np.testing.assert_allclose(again.group_scores([30, 31, 35, 36], ["A", "B", "A", "B"]).to_numpy(),
                                tau.to_numpy(), rtol=1e-4)
     np.testing.assert_allclose(again.experiment_scores("validate", 4), s4, rtol=1e-4)
+    blocks, G = again.score_factors("validate", block_rows=7)  # S = M G^T for Auto-D3M
+    M = np.concatenate([b for _, b in blocks()])
+    np.testing.assert_allclose(M @ G.T, s4, rtol=1e-4, atol=1e-12)
     assert snapshot() == before  # load_scorer and its scoring wrote nothing into 04_trak
     with pytest.raises(FileNotFoundError, match="trak_checkpoints"):
         attribution.baseline_scorer(tmp_path, "Edema", 0, cohort, images, cfg, [3], proj_dim=8,
