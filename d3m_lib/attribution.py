@@ -21,9 +21,13 @@ traker's score computer.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,17 +35,27 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
-import trak.traker
 from tqdm.auto import tqdm
 from trak import TRAKer
+from trak.gradient_computers import AbstractGradientComputer
 from trak.modelout_functions import AbstractModelOutput
-from trak.projectors import BasicProjector, ProjectionType
+from trak.projectors import AbstractProjector, BasicProjector, ProjectionType
+from trak.score_computers import BasicScoreComputer
+
+from .featurize import CALIBRATION_IMAGES, FactorizedFeaturizer
 
 CONFIG = "scorer.json"
+FEATURIZER_STATE = "featurizer.json"  # the factorized featurizer's dimension split per checkpoint
+FEATURIZERS = ("factorized", "traker")
 _PROJ_MATRIX_BUDGET_BYTES = 1 << 30  # BasicProjector keeps <= 1 GiB of projection matrix
 _fast_jl_warned = False
-# traker's own bars (one step per checkpoint, instant) only clutter notebook output
-trak.traker.tqdm = lambda it, *a, **k: it
+
+
+@contextlib.contextmanager
+def _quiet_traker_bars():
+    """traker's own bars (one step per checkpoint, instant) go to a discarded stream."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 class BinaryLogitOutput(AbstractModelOutput):
@@ -78,6 +92,81 @@ class _BasicProjector(BasicProjector):
         if not self.proj_matrix_available and self.num_blocks == 1 and model_id == self.model_id:
             self.generate_sketch_matrix(self.generator_states[0])
         return super().project(grads, model_id)
+
+
+class _PassThroughProjector(AbstractProjector):
+    """traker projector for features that arrive projected (the factorized featurizer).
+
+    Its ``proj_type`` is recorded in traker's ``metadata.json``; traker refuses to mix
+    features of another projection type in the same folder.
+    """
+
+    def __init__(self, grad_dim: int, proj_dim: int, seed: int, device):
+        super().__init__(grad_dim, proj_dim, seed, "factorized_kronecker_normal", device)
+
+    def project(self, grads, model_id):
+        if grads.shape[-1] != self.proj_dim:
+            raise ValueError(f"expected {self.proj_dim} projected features, got {grads.shape[-1]}")
+        return grads
+
+    def free_memory(self):
+        pass
+
+
+class _FactorizedGradientComputer(AbstractGradientComputer):
+    """traker gradient computer that returns :class:`FactorizedFeaturizer` features.
+
+    traker then divides by ``sqrt(#params)`` and stores them, exactly as its own
+    projected gradients; the out-to-loss weights reuse the featurizing pass's margins.
+    """
+
+    def __init__(self, model, task, grad_dim, dtype, device, grad_wrt=None, *,
+                 featurizer: FactorizedFeaturizer):
+        super().__init__(model, task, grad_dim, dtype, device)
+        if grad_wrt is not None:
+            raise ValueError("the factorized featurizer covers all parameters (grad_wrt unsupported)")
+        self.featurizer = featurizer
+
+    def load_model_params(self, model) -> None:
+        pass  # the featurizer hooks the same module object traker loads weights into
+
+    def compute_per_sample_grad(self, batch):
+        return self.featurizer.features(batch[0], batch[1])
+
+    def compute_loss_grad(self, batch):
+        m = self.featurizer.last_margins(batch[0])
+        if m is None:
+            self.featurizer.features(batch[0], batch[1])
+            m = self.featurizer.last_margins(batch[0])
+        return torch.sigmoid(-m).detach().unsqueeze(-1)
+
+
+class _Fp64ScoreComputer(BasicScoreComputer):
+    """traker's score computer with ``X^T X`` accumulated and inverted in float64.
+
+    Half-precision ``X^T X`` overflows at 65,504 (about 50k training images); float32
+    blocks lose digits over 10^5 rows. Keeps traker's rescaling of the inverse by its
+    mean absolute value (a per-checkpoint constant), so scores equal traker's.
+    """
+
+    def get_xtx(self, grads):
+        self.proj_dim = grads.shape[1]
+        result = torch.zeros(self.proj_dim, self.proj_dim, dtype=torch.float64, device=self.device)
+        for block in torch.split(grads, self.CUDA_MAX_DIM_SIZE, dim=0):
+            b = block.to(self.device, torch.float64)
+            result += b.T @ b
+        return result
+
+    def get_x_xtx_inv(self, grads, xtx):
+        reg = xtx.double() + self.lambda_reg * torch.eye(xtx.shape[0], dtype=torch.float64,
+                                                         device=xtx.device)
+        inv = torch.linalg.inv(reg)
+        inv /= inv.abs().mean()
+        result = torch.empty(grads.shape[0], inv.shape[1], dtype=self.dtype, device=self.device)
+        for s in range(0, grads.shape[0], self.CUDA_MAX_DIM_SIZE):
+            b = grads[s:s + self.CUDA_MAX_DIM_SIZE].to(self.device, torch.float64)
+            result[s:s + len(b)] = (b @ inv).to(self.dtype)
+        return result
 
 
 def _count_params(model: torch.nn.Module) -> int:
@@ -129,6 +218,12 @@ class TrakScorer:
         lambda_reg: ridge term added to ``X^T X`` (traker's ``lambda_reg``).
         transform: uint8 batch -> model input tensor (must match training;
             notebooks use ``training.to_tensor``).
+        featurizer: ``"factorized"`` (:mod:`d3m_lib.featurize`: per-layer Kronecker
+            projections, no per-example gradients) or ``"traker"`` (traker's per-example
+            gradients and dense JL projection). Parameter ``trak_featurizer``.
+        read_only: never write into ``save_dir`` (the features must be finalized there);
+            targets are scored in memory and traker's scratch files go to ``scratch_dir``
+            (a new temporary folder if None).
     """
 
     def __init__(self, model_fn: Callable[[], torch.nn.Module], save_dir: str | Path,
@@ -136,7 +231,11 @@ class TrakScorer:
                  checkpoints: Mapping[int, Any], *, proj_dim: int = 256,
                  lambda_reg: float = 0.0, device: str = "cpu", projector_seed: int = 0,
                  batch_size: int = 64, transform: Callable | None = None,
-                 logging_level: int = logging.WARNING):
+                 featurizer: str = "factorized", read_only: bool = False,
+                 scratch_dir: str | Path | None = None, logging_level: int = logging.WARNING,
+                 _shard: bool = False):
+        if featurizer not in FEATURIZERS:
+            raise ValueError(f"trak_featurizer={featurizer!r}; expected one of {FEATURIZERS}")
         self.model_fn = model_fn
         self.save_dir = Path(save_dir)
         self.images = images
@@ -146,19 +245,41 @@ class TrakScorer:
         if not self.checkpoints:
             raise ValueError("TrakScorer needs at least one checkpoint (trak_checkpoints is empty)")
         self.proj_dim = int(proj_dim)
-        if not 0 < self.proj_dim < len(self.train_rows):
+        if not 0 < self.proj_dim < len(self.train_rows) and not _shard:
             raise ValueError(f"trak_proj_dim={proj_dim} must be positive and below the number "
                              f"of training images ({len(self.train_rows)})")
         self.lambda_reg = float(lambda_reg)
         self.device = device
         self.batch_size = int(batch_size)
         self.transform = transform or default_transform
+        self.featurizer_kind = featurizer
+        self.projector_seed = int(projector_seed)
+        self.read_only = bool(read_only)
         self.model = model_fn().to(device).eval()
-        self.save_dir.mkdir(parents=True, exist_ok=True)
+        if self.read_only:
+            if not (self.save_dir / "metadata.json").exists():
+                raise FileNotFoundError(f"{self.save_dir} holds no TRAK features to read")
+            traker_dir = Path(scratch_dir) if scratch_dir else Path(tempfile.mkdtemp(prefix="trak_"))
+        else:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            traker_dir = self.save_dir
+        self._plans: dict[int, dict] = {}
+        if featurizer == "factorized":
+            self.featurizer = FactorizedFeaturizer(self.model, self.proj_dim, self.projector_seed)
+            gc = functools.partial(_FactorizedGradientComputer, featurizer=self.featurizer)
+            projector = _PassThroughProjector(_count_params(self.model), self.proj_dim,
+                                              self.projector_seed, device)
+            f = self.save_dir / FEATURIZER_STATE
+            if f.exists():
+                self._plans = {int(k): v for k, v in json.loads(f.read_text())["plans"].items()}
+        else:
+            self.featurizer = None
+            from trak.gradient_computers import FunctionalGradientComputer as gc
+            projector = make_projector(self.model, self.proj_dim, projector_seed, device)
         self.traker = TRAKer(
             model=self.model, task=BinaryLogitOutput(), train_set_size=len(self.train_rows),
-            save_dir=str(self.save_dir), load_from_save_dir=True, device=device,
-            projector=make_projector(self.model, self.proj_dim, projector_seed, device),
+            save_dir=str(traker_dir), load_from_save_dir=True, device=device,
+            gradient_computer=gc, projector=projector, score_computer=_Fp64ScoreComputer,
             proj_dim=self.proj_dim, use_half_precision=False, projector_seed=projector_seed,
             lambda_reg=self.lambda_reg, logging_level=logging_level)
 
@@ -193,48 +314,162 @@ class TrakScorer:
             f.unlink(missing_ok=True)
         (self.save_dir / "scores" / f"{exp_name}.mmap").unlink(missing_ok=True)
 
+    def plan_for(self, model_id: int) -> dict | None:
+        """The factorized featurizer's dimension split under one checkpoint (None for traker).
+
+        Made once from the exact gradients of the first ``CALIBRATION_IMAGES`` training
+        images and kept in ``featurizer.json``, so that resumed runs, targets and Ray
+        workers project identically.
+        """
+        if self.featurizer is None:
+            return None
+        if model_id not in self._plans:
+            if self.read_only:
+                raise FileNotFoundError(f"{self.save_dir / FEATURIZER_STATE} has no featurizer plan "
+                                        f"for checkpoint {model_id}")
+            self.model.load_state_dict(self._state(model_id))
+            _, (x, y) = next(self._batches(self.train_rows[:CALIBRATION_IMAGES]))
+            self._plans[model_id] = self.featurizer.plan(self.featurizer.energies(x, y))
+            f = self.save_dir / FEATURIZER_STATE
+            f.write_text(json.dumps({"kind": "factorized", "plans": {
+                str(k): v for k, v in sorted(self._plans.items())}}, indent=1))
+        return self._plans[model_id]
+
+    def _use_checkpoint(self, model_id: int) -> dict:
+        """Load one checkpoint into the model (and its featurizer plan); returns its state."""
+        state = self._state(model_id)
+        plan = self.plan_for(model_id)
+        if plan is not None:
+            self.featurizer.set_plan(plan)
+        self.model.load_state_dict(state)
+        self.model.eval()
+        self.traker.gradient_computer.load_model_params(self.model)
+        return state
+
+    def compute_features(self, model_id: int, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Projected gradients ``(n, p)`` and out-to-loss weights ``(n,)`` of cache rows, in memory.
+
+        The same operations as ``TRAKer.featurize`` (project, divide by ``sqrt(#params)``),
+        without writing anything: used for read-only scoring and by Ray workers.
+        """
+        self._use_checkpoint(model_id)
+        rows = np.asarray(rows, dtype=np.int64)
+        g = np.zeros((len(rows), self.proj_dim), dtype=np.float32)
+        q = np.zeros(len(rows), dtype=np.float32)
+        t, gc = self.traker, self.traker.gradient_computer
+        for inds, batch in self._batches(rows):
+            grads = t.projector.project(gc.compute_per_sample_grad(batch=batch), model_id=model_id)
+            grads /= t.normalize_factor
+            g[inds] = grads.to(torch.float32).cpu().numpy()
+            q[inds] = gc.compute_loss_grad(batch).reshape(-1).float().cpu().numpy()
+        return g, q
+
     # -- featurizing -------------------------------------------------------
     def featurize(self) -> None:
         """Project training gradients under every checkpoint; resumes where it stopped."""
+        if self.read_only:
+            if not all(self.is_finalized(m) for m in self.checkpoints):
+                raise RuntimeError(f"{self.save_dir} is read-only here and not fully featurized")
+            return
         ids = self.traker.saver.model_ids
         for mid in sorted(self.checkpoints):
             if ids.get(mid, {}).get("is_featurized") == 1:
                 continue
+            plan = self.plan_for(mid)
             self.traker.load_checkpoint(self._state(mid), model_id=mid)
+            if plan is not None:
+                self.featurizer.set_plan(plan)
             n_batches = -(-len(self.train_rows) // self.batch_size)
             for inds, batch in tqdm(self._batches(self.train_rows), total=n_batches, leave=False,
                                     desc=f"TRAK featurize checkpoint {mid}"):
                 self.traker.featurize(batch=batch, inds=inds)
+        self.finalize()
+
+    def finalize(self) -> None:
+        """traker's ``finalize_features`` for every featurized, not yet finalized checkpoint."""
+        ids = self.traker.saver.model_ids
         todo = [m for m in sorted(self.checkpoints) if ids[m].get("is_finalized") != 1]
         if todo:
-            self.traker.finalize_features(model_ids=todo)
+            with _quiet_traker_bars():
+                self.traker.finalize_features(model_ids=todo)
+
+    def is_finalized(self, model_id: int) -> bool:
+        f = self.save_dir / f"id_{model_id}.json"
+        return f.exists() and json.loads(f.read_text()).get(str(model_id), {}).get("is_finalized") == 1
+
+    def _stored(self, model_id: int, name: str) -> np.ndarray:
+        """A traker store array of ``save_dir``, opened read-only."""
+        f = self.save_dir / str(model_id) / f"{name}.mmap"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} does not exist")
+        return np.load(f, mmap_mode="r")
 
     def out_to_loss(self, model_id: int) -> np.ndarray:
         """Out-to-loss weights Q of the training images under one checkpoint."""
-        self.traker.saver.load_current_store(model_id)
-        return np.array(self.traker.saver.current_store["out_to_loss"]).reshape(-1)
+        return np.array(self._stored(model_id, "out_to_loss")).reshape(-1)
+
+    def features(self, model_id: int) -> np.ndarray:
+        """traker's finalized features ``X (X^T X + lambda I)^-1`` (rescaled) of one checkpoint."""
+        return np.array(self._stored(model_id, "features"))
 
     # -- scoring -----------------------------------------------------------
+    def _combine(self, target_grads: Mapping[int, np.ndarray], block_rows: int = 65536) -> np.ndarray:
+        """traker's ``finalize_scores``: ``mean_c(Phi_c g_c^T) * mean_c(Q_c)``, float64, in row blocks."""
+        mids = sorted(self.checkpoints)
+        tg = {m: np.asarray(target_grads[m], np.float64) for m in mids}
+        n = len(self.train_rows)
+        out = np.zeros((n, tg[mids[0]].shape[0]))
+        for s in range(0, n, block_rows):
+            e = min(n, s + block_rows)
+            acc = sum(self._stored(m, "features")[s:e].astype(np.float64) @ tg[m].T for m in mids)
+            q = sum(self._stored(m, "out_to_loss")[s:e].astype(np.float64).reshape(-1, 1) for m in mids)
+            out[s:e] = (acc / len(mids)) * (q / len(mids))
+        return out
+
     def _target_grads(self, exp_name: str, target_rows: np.ndarray) -> None:
         """Store each checkpoint's own projected target gradients for experiment exp_name."""
         self.featurize()
         self._fresh_experiment(exp_name)
         for mid in sorted(self.checkpoints):
-            self.traker.start_scoring_checkpoint(exp_name, self._state(mid), model_id=mid,
+            state = self._use_checkpoint(mid)
+            self.traker.start_scoring_checkpoint(exp_name, state, model_id=mid,
                                                  num_targets=len(target_rows))
             for inds, batch in self._batches(target_rows):
                 self.traker.score(batch=batch, inds=inds)
             self.traker.saver.current_store[f"{exp_name}_grads"].flush()
 
     def _finalize(self, exp_name: str) -> np.ndarray:
-        s = self.traker.finalize_scores(exp_name=exp_name, model_ids=sorted(self.checkpoints))
+        with _quiet_traker_bars():
+            s = self.traker.finalize_scores(exp_name=exp_name, model_ids=sorted(self.checkpoints))
         return np.array(s, dtype=np.float64)
 
     def scores(self, target_rows: Sequence[int], exp_name: str = "targets") -> np.ndarray:
         """TRAK scores ``n_train x n_targets`` of the given target cache rows."""
         rows = np.asarray(target_rows, dtype=np.int64)
+        if self.read_only:
+            return self._combine({m: self.compute_features(m, rows)[0] for m in self.checkpoints})
         self._target_grads(exp_name, rows)
         return self._finalize(exp_name)
+
+    def group_target_grads(self, target_rows: Sequence[int], groups: Sequence[str]
+                           ) -> tuple[list[str], dict[int, np.ndarray]]:
+        """Group names and, per checkpoint, the group means of the projected target gradients."""
+        rows = np.asarray(target_rows, dtype=np.int64)
+        groups = np.asarray(groups, dtype=object)
+        if len(groups) != len(rows):
+            raise ValueError(f"{len(rows)} target rows but {len(groups)} group labels")
+        names = sorted(pd.unique(groups).tolist())
+        out = {}
+        for mid in sorted(self.checkpoints):
+            g = self.target_grads(mid, rows).astype(np.float64)
+            out[mid] = np.stack([g[groups == n].mean(axis=0) for n in names])
+        return names, out
+
+    def target_grads(self, model_id: int, rows: np.ndarray, exp_name: str | None = None) -> np.ndarray:
+        """Projected target gradients under one checkpoint: stored ones of ``exp_name`` if given."""
+        if exp_name is not None:
+            return np.array(self._stored(model_id, f"{exp_name}_grads"))
+        return self.compute_features(model_id, rows)[0]
 
     def group_scores(self, target_rows: Sequence[int], groups: Sequence[str],
                      exp_name: str = "validate") -> pd.DataFrame:
@@ -242,39 +477,63 @@ class TrakScorer:
 
         Scores one target per group whose gradient under checkpoint ``c`` is the group
         mean of the targets' gradients under ``c`` (exact: scores are linear in it). The
-        per-image target gradients stay under ``exp_name`` for :meth:`experiment_scores`.
+        per-image target gradients stay under ``exp_name`` for :meth:`experiment_scores`
+        (not in read-only mode, which writes nothing).
         """
         rows = np.asarray(target_rows, dtype=np.int64)
         groups = np.asarray(groups, dtype=object)
         if len(groups) != len(rows):
             raise ValueError(f"{len(rows)} target rows but {len(groups)} group labels")
         names = sorted(pd.unique(groups).tolist())
-        self._target_grads(exp_name, rows)
-        gexp = f"{exp_name}_groupmean"
-        self._fresh_experiment(gexp)
-        saver = self.traker.saver
-        for mid in sorted(self.checkpoints):
-            saver.load_current_store(mid, exp_name, len(rows))
-            g = np.array(saver.current_store[f"{exp_name}_grads"], dtype=np.float64)
-            means = np.stack([g[groups == n].mean(axis=0) for n in names])
-            self.traker.start_scoring_checkpoint(gexp, self._state(mid), model_id=mid,
-                                                 num_targets=len(names))
-            saver.current_store[f"{gexp}_grads"][:] = means.astype(np.float32)
-            saver.current_store[f"{gexp}_grads"].flush()
-        tau = self._finalize(gexp)
+        if self.read_only:
+            _, means = self.group_target_grads(rows, groups)
+            tau = self._combine(means)
+        else:
+            self._target_grads(exp_name, rows)
+            means = {}
+            for mid in sorted(self.checkpoints):
+                g = self.target_grads(mid, rows, exp_name).astype(np.float64)
+                means[mid] = np.stack([g[groups == n].mean(axis=0) for n in names])
+            tau = self._combine(means)
         return pd.DataFrame(tau, index=pd.Index(self.train_rows, name="row"), columns=names)
 
     def experiment_scores(self, exp_name: str, num_targets: int) -> np.ndarray:
-        """Scores ``n_train x num_targets`` from target gradients stored by an earlier call."""
+        """Scores ``n_train x num_targets`` from target gradients stored by an earlier call.
+
+        Reads only (works on a read-only scorer).
+        """
         for mid in sorted(self.checkpoints):
             if not (self.save_dir / str(mid) / f"{exp_name}_grads.mmap").exists():
                 raise FileNotFoundError(f"no target gradients '{exp_name}' for checkpoint {mid} "
                                         f"in {self.save_dir}; score the targets first")
-        stored = self.traker.saver.experiments.get(exp_name, {}).get("num_targets")
+        exps = json.loads((self.save_dir / "experiments.json").read_text())
+        stored = exps.get(exp_name, {}).get("num_targets")
         if stored != num_targets:
             raise ValueError(f"experiment '{exp_name}' in {self.save_dir} has {stored} targets, "
                              f"not {num_targets}")
-        return self._finalize(exp_name)
+        return self._combine({m: self._stored(m, f"{exp_name}_grads") for m in self.checkpoints})
+
+    def score_factors(self, exp_name: str | None = None, target_rows: Sequence[int] | None = None,
+                      block_rows: int = 65536):
+        """The scores as ``S = M G^T`` without forming ``S`` (for :func:`d3m.auto_d3m_per_class`).
+
+        ``G`` (``n_targets x C p``): per-checkpoint target gradients side by side (stored
+        ones of ``exp_name``, or computed for ``target_rows``). ``M`` comes as a generator
+        of row blocks ``(start, block)`` of ``diag(mean_c Q_c) [Phi_1 ... Phi_C] / C``.
+        """
+        mids = sorted(self.checkpoints)
+        G = np.concatenate([self.target_grads(m, np.asarray(target_rows if target_rows is not None
+                                                            else [], np.int64), exp_name)
+                            for m in mids], axis=1).astype(np.float64)
+        n = len(self.train_rows)
+
+        def blocks():
+            for s in range(0, n, block_rows):
+                e = min(n, s + block_rows)
+                q = sum(self._stored(m, "out_to_loss")[s:e].astype(np.float64).reshape(-1, 1) for m in mids)
+                phi = np.concatenate([self._stored(m, "features")[s:e] for m in mids], axis=1)
+                yield s, phi.astype(np.float64) * (q / len(mids)) / len(mids)
+        return blocks, G
 
     # -- saving ------------------------------------------------------------
     def save_config(self, **extra) -> None:
@@ -282,8 +541,10 @@ class TrakScorer:
 
         Refuses to overwrite features of a different training set in the same folder.
         """
+        if self.read_only:
+            raise RuntimeError(f"read-only scorer: will not write into {self.save_dir}")
         cfg = dict(proj_dim=self.proj_dim, lambda_reg=self.lambda_reg,
-                   batch_size=self.batch_size,
+                   batch_size=self.batch_size, featurizer=self.featurizer_kind,
                    projector_seed=int(self.traker.proj_seed),
                    checkpoints={str(k): str(v) for k, v in self.checkpoints.items()}, **extra)
         if (self.save_dir / "train_rows.npy").exists():
@@ -323,14 +584,18 @@ def top_train_rows(scores: np.ndarray, train_rows: Sequence[int], k: int = 8,
 
 def baseline_scorer(run_path: str | Path, finding: str, seed: int, cohort: pd.DataFrame, images,
                     cfg, checkpoints: Sequence[int], *, proj_dim: int, lambda_reg: float,
-                    batch_size: int, projector_seed: int, device: str = "cpu") -> TrakScorer:
+                    batch_size: int, projector_seed: int, device: str = "cpu",
+                    featurizer: str = "factorized", read_only: bool = False,
+                    scratch_dir: str | Path | None = None) -> TrakScorer:
     """The TRAK scorer of one finding's baseline seed, in the run folder's layout.
 
     Training images: the finding's ``train`` rows; checkpoints
     ``03_baseline/<finding>/seed<s>/epoch_<ee>.pt`` for ``ee`` in ``checkpoints``
     (parameter ``trak_checkpoints``); traker state in ``04_trak/<finding>/seed<s>/``.
     ``cfg`` is the baseline's ``training.TrainConfig`` (architecture); images are fed
-    through ``training.to_tensor``, exactly as in training.
+    through ``training.to_tensor``, exactly as in training. ``featurizer``: parameter
+    ``trak_featurizer``. ``read_only``: write nothing into the run folder (see
+    :class:`TrakScorer`).
     """
     from . import models, training
 
@@ -351,18 +616,24 @@ def baseline_scorer(run_path: str | Path, finding: str, seed: int, cohort: pd.Da
     sc = TrakScorer(lambda: models.build_model(cfg.arch, num_outputs=1, width=cfg.width),
                     save_dir, images, train_rows, labels, ckpts, proj_dim=proj_dim,
                     lambda_reg=lambda_reg, device=device, projector_seed=projector_seed,
-                    batch_size=batch_size, transform=training.to_tensor)
-    sc.save_config(finding=finding, seed=int(seed), arch=cfg.arch, width=int(cfg.width),
-                   image_size=int(cfg.image_size), epochs=[int(e) for e in checkpoints])
+                    batch_size=batch_size, transform=training.to_tensor, featurizer=featurizer,
+                    read_only=read_only, scratch_dir=scratch_dir)
+    if not read_only:
+        sc.save_config(finding=finding, seed=int(seed), arch=cfg.arch, width=int(cfg.width),
+                       image_size=int(cfg.image_size), epochs=[int(e) for e in checkpoints])
     return sc
 
 
-def load_scorer(save_dir: str | Path, device: str = "cpu") -> TrakScorer:
-    """Re-open a saved TRAK state (``04_trak/<finding>/seed<s>/``) written by notebook 04.
+def load_scorer(save_dir: str | Path, device: str = "cpu",
+                scratch_dir: str | Path | None = None) -> TrakScorer:
+    """Re-open a saved TRAK state (``04_trak/<finding>/seed<s>/``) written by notebook 04, read-only.
 
     ``load_scorer(dir).scores(target_rows)`` returns ``n_train x n_targets`` scores for
     the given cohort rows (labels from the cohort table for the scorer's finding); the
-    features are read from ``dir``, not recomputed.
+    features are read from ``dir``, not recomputed, and nothing in ``dir`` is written:
+    target gradients are computed in memory, traker's scratch files go to
+    ``scratch_dir`` (a new temporary folder if None). Folders written before
+    ``trak_featurizer`` existed were featurized by traker.
     """
     from . import image_cache
     from .training import TrainConfig
@@ -379,7 +650,8 @@ def load_scorer(save_dir: str | Path, device: str = "cpu") -> TrakScorer:
     sc = baseline_scorer(run_path, c["finding"], c["seed"], cohort, images, cfg, c["epochs"],
                          proj_dim=c["proj_dim"], lambda_reg=c["lambda_reg"],
                          batch_size=c["batch_size"], projector_seed=c["projector_seed"],
-                         device=device)
+                         device=device, featurizer=c.get("featurizer", "traker"), read_only=True,
+                         scratch_dir=scratch_dir)
     return sc
 
 

@@ -139,3 +139,72 @@ def auto_d3m(val_scores: np.ndarray, train_rows, y_val, logits_val, *, method: s
     gl = group_losses(y_val, logits_val, groups)
     scores = alignment_scores(tau, gl, weighting=weighting, beta=beta)
     return AutoD3MResult(groups, tau, gl, scores, select(scores, rule=rule, k=k), evr)
+
+
+def _factor_blocks(train_factor):
+    """Row blocks ``(start, block)`` of ``M``: an array, or a callable returning a generator."""
+    if callable(train_factor):
+        yield from train_factor()
+    else:
+        M = np.asarray(train_factor)
+        for s in range(0, len(M), 65536):
+            yield s, M[s:s + 65536]
+
+
+def auto_d3m_per_class(train_factor, val_grads: np.ndarray, train_rows, y_val, logits_val, *,
+                       weighting: str = "softmax", beta: float = 1.0, rule: str = "negative",
+                       k: int | None = None) -> AutoD3MResult:
+    """The D3M paper's Auto-D3M from factored scores ``S = M G^T``, without ``S``.
+
+    Per class: each validation image's score vector over training images (a column of
+    ``S``) is L2-normalised, a one-component PCA is fitted on that class's vectors and the
+    sign of the projection splits the class in two; D3M then runs with the two
+    pseudo-groups of every class (``y<c>_a``/``y<c>_b``).
+
+    The score vectors ``M g_z`` lie in the span of ``M``'s ``k`` columns, so everything is
+    computed in ``k`` coordinates: with ``K = M^T M = V L V^T`` the map ``g -> g V L^1/2``
+    preserves inner products of score vectors, norms included. Memory: ``K`` and its
+    eigenvectors (``2 * 8 k^2`` bytes), ``G`` and its coordinates (``2 * 8 n_val k``),
+    ``tau`` (``8 n_train * groups``) and one block of ``M`` at a time; never
+    ``n_train x n_val``.
+
+    Args:
+        train_factor: ``M`` (``n_train x k``), or a callable returning ``(start, block)``
+            row blocks of it (``TrakScorer.score_factors``).
+        val_grads: ``G`` (``n_val x k``).
+    """
+    G = np.asarray(val_grads, dtype=np.float64)
+    y = np.asarray(y_val, dtype=np.float64)
+    if len(G) != len(y):
+        raise ValueError(f"val_grads has {len(G)} rows but y_val {len(y)}")
+    kdim = G.shape[1]
+    K = np.zeros((kdim, kdim))
+    n = 0
+    for _, b in _factor_blocks(train_factor):
+        b = np.asarray(b, dtype=np.float64)
+        K += b.T @ b
+        n += len(b)
+    if n != len(train_rows):
+        raise ValueError(f"train_factor has {n} rows but train_rows {len(train_rows)}")
+    lam, V = np.linalg.eigh(K)
+    W = G @ (V * np.sqrt(np.clip(lam, 0.0, None)))
+    norm = np.linalg.norm(W, axis=1, keepdims=True)
+    W = W / np.where(norm > 0, norm, 1.0)
+    groups = np.empty(len(y), dtype=object)
+    evr = []
+    for c in sorted(np.unique(y)):
+        idx = np.flatnonzero(y == c)
+        Wc = W[idx] - W[idx].mean(axis=0, keepdims=True)
+        _, s, vt = np.linalg.svd(Wc, full_matrices=False)
+        v = vt[0] * np.sign(vt[0][np.argmax(np.abs(vt[0]))])  # sign fixed: labels reproducible
+        groups[idx] = np.where(Wc @ v > 0, f"y{int(c)}_a", f"y{int(c)}_b")
+        evr.append(float(s[0] ** 2 / np.sum(s ** 2)) if np.sum(s ** 2) > 0 else 0.0)
+    names = sorted(set(groups))
+    means = np.stack([G[groups == g].mean(axis=0) for g in names], axis=1)  # k x groups
+    tau = np.zeros((len(train_rows), len(names)))
+    for s0, b in _factor_blocks(train_factor):
+        tau[s0:s0 + len(b)] = np.asarray(b, dtype=np.float64) @ means
+    tau = pd.DataFrame(tau, index=pd.Index(np.asarray(train_rows), name="row"), columns=names)
+    gl = group_losses(y, logits_val, groups)
+    scores = alignment_scores(tau, gl, weighting=weighting, beta=beta)
+    return AutoD3MResult(groups, tau, gl, scores, select(scores, rule=rule, k=k), float(np.mean(evr)))

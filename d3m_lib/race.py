@@ -198,23 +198,27 @@ def patient_race(admissions: pd.DataFrame, source: str = "admissions.csv.gz",
         count=("t", "size"), last_t=("t", "max"), last_h=("hadm", "max")).reset_index()
     latest = known.groupby("subject_id", sort=True).tail(1).set_index("subject_id")["group"]
 
-    rows = []
-    for sid, g in stats.groupby("subject_id", sort=True):
-        n_groups = len(g)
-        if n_groups == 1:
-            rows.append((sid, g["group"].iloc[0], "consistent", n_groups))
-        elif rule == "unknown_if_conflict":
-            rows.append((sid, UNKNOWN_GROUP, "conflict_unknown", n_groups))
-        elif rule == "most_recent":
-            rows.append((sid, latest.loc[sid], "most_recent", n_groups))
-        else:
-            top = g[g["count"] == g["count"].max()]
-            if len(top) == 1:
-                rows.append((sid, top["group"].iloc[0], "majority", n_groups))
-            else:
-                best = top.sort_values(["last_t", "last_h"], kind="mergesort").iloc[-1]
-                rows.append((sid, best["group"], "tie_most_recent", n_groups))
-    out = pd.DataFrame(rows, columns=["subject_id", "group", "race_rule", "n_distinct_groups"])
+    # one pass per rule, vectorised over patients (MIMIC: 65,000 patients, 450,000 admissions)
+    n_groups = stats.groupby("subject_id", sort=True).size()
+    # per patient: most admissions, then latest admission (time, then hadm_id) last
+    best = stats.sort_values(["subject_id", "count", "last_t", "last_h"], kind="mergesort") \
+        .groupby("subject_id", sort=True).tail(1).set_index("subject_id")
+    top_count = stats.groupby("subject_id", sort=True)["count"].transform("max")
+    n_top = (stats["count"] == top_count).groupby(stats["subject_id"], sort=True).sum()
+    out = pd.DataFrame({"subject_id": n_groups.index, "n_distinct_groups": n_groups.to_numpy()})
+    single = out["n_distinct_groups"].to_numpy() == 1
+    if rule == "unknown_if_conflict":
+        group = np.where(single, best["group"].to_numpy(), UNKNOWN_GROUP)
+        why = np.where(single, "consistent", "conflict_unknown")
+    elif rule == "most_recent":
+        group = np.where(single, best["group"].to_numpy(), latest.loc[n_groups.index].to_numpy())
+        why = np.where(single, "consistent", "most_recent")
+    else:
+        group = best["group"].to_numpy()
+        why = np.where(single, "consistent",
+                       np.where(n_top.loc[n_groups.index].to_numpy() == 1, "majority", "tie_most_recent"))
+    out["group"], out["race_rule"] = group, why
+    out = out[["subject_id", "group", "race_rule", "n_distinct_groups"]]
     unknown_only = n_adm.index.difference(pd.Index(out["subject_id"]))
     out = pd.concat([out, pd.DataFrame({
         "subject_id": unknown_only, "group": UNKNOWN_GROUP, "race_rule": "all_unknown",

@@ -42,11 +42,12 @@ def scorer(tmp_path, name, data, ids, **kw):
                       {i: ckpts[i] for i in ids}, proj_dim=16, **kw)
 
 
-def test_each_checkpoint_scores_its_own_targets(tmp_path, data):
+@pytest.mark.parametrize("featurizer", attribution.FEATURIZERS)
+def test_each_checkpoint_scores_its_own_targets(tmp_path, data, featurizer):
     targets = np.arange(50, 80)
-    both = scorer(tmp_path, "ab", data, (1, 2))
+    both = scorer(tmp_path, "ab", data, (1, 2), featurizer=featurizer)
     s_ab = both.scores(targets)
-    one = {i: scorer(tmp_path, f"s{i}", data, (i,)) for i in (1, 2)}
+    one = {i: scorer(tmp_path, f"s{i}", data, (i,), featurizer=featurizer) for i in (1, 2)}
     s = {i: one[i].scores(targets) for i in (1, 2)}
     q = {i: one[i].out_to_loss(i)[:, None] for i in (1, 2)}
     # traker: mean_c(Phi_c g_c^T) * mean_c(Q_c); single-checkpoint runs give Phi_c g_c^T Q_c
@@ -77,12 +78,33 @@ def test_group_mean_equals_mean_of_per_image_scores(tmp_path, data):
     np.testing.assert_allclose(sc.experiment_scores("validate", 30), per_image, rtol=1e-4, atol=1e-9)
 
 
-def test_resume_reuses_features(tmp_path, data):
-    a = scorer(tmp_path, "r", data, (1, 2))
+@pytest.mark.parametrize("featurizer", attribution.FEATURIZERS)
+def test_resume_reuses_features(tmp_path, data, featurizer):
+    a = scorer(tmp_path, "r", data, (1, 2), featurizer=featurizer)
     s1 = a.scores(np.arange(50, 55))
-    b = scorer(tmp_path, "r", data, (1, 2))
+    b = scorer(tmp_path, "r", data, (1, 2), featurizer=featurizer)
     assert all(b.traker.saver.model_ids[i]["is_finalized"] == 1 for i in (1, 2))
     np.testing.assert_allclose(b.scores(np.arange(50, 55)), s1, rtol=1e-5)
+    # a folder holds one featurizer's features: traker refuses the other projection type
+    other = [f for f in attribution.FEATURIZERS if f != featurizer][0]
+    with pytest.raises(AssertionError, match="JL matrix"):
+        scorer(tmp_path, "r", data, (1, 2), featurizer=other)
+
+
+def test_interrupted_featurizing_resumes_to_the_same_features(tmp_path, data):
+    """Kill after one batch of checkpoint 1; a new scorer finishes with identical features."""
+    full = scorer(tmp_path, "full", data, (1, 2), batch_size=16)
+    full.featurize()
+    part = scorer(tmp_path, "part", data, (1, 2), batch_size=16)
+    part.plan_for(1)
+    part.traker.load_checkpoint(part._use_checkpoint(1), model_id=1)
+    inds, batch = next(part._batches(part.train_rows))
+    part.traker.featurize(batch=batch, inds=inds)
+    again = scorer(tmp_path, "part", data, (1, 2), batch_size=16)
+    assert again.traker.saver.model_ids[1]["is_featurized"] == 0
+    again.featurize()
+    for m in (1, 2):
+        np.testing.assert_allclose(again.features(m), full.features(m), rtol=1e-6, atol=1e-9)
 
 
 def test_self_influence_ranks_distinctive_point_first(tmp_path):
@@ -167,9 +189,25 @@ def test_load_scorer_round_trip(tmp_path):
     assert len(sc.train_rows) == 29 and 3 not in sc.train_rows
     sc.featurize()
     s = sc.scores([30, 31, 35])
-    again = attribution.load_scorer(tmp_path / "04_trak" / "Edema" / "seed0")
-    assert all(again.traker.saver.model_ids[i]["is_finalized"] == 1 for i in (1, 2))
-    np.testing.assert_allclose(again.scores([30, 31, 35]), s, rtol=1e-5)
+    s4 = sc.scores([30, 31, 35, 36], exp_name="four")
+    tau = sc.group_scores([30, 31, 35, 36], ["A", "B", "A", "B"])
+    trak_dir = tmp_path / "04_trak" / "Edema" / "seed0"
+
+    def snapshot():
+        return {str(p.relative_to(trak_dir)): (p.stat().st_mtime_ns, p.read_bytes())
+                for p in sorted(trak_dir.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    again = attribution.load_scorer(trak_dir, scratch_dir=tmp_path / "scratch")
+    assert again.read_only and all(again.is_finalized(i) for i in (1, 2))
+    np.testing.assert_allclose(again.scores([30, 31, 35]), s, rtol=1e-4)
+    np.testing.assert_allclose(again.group_scores([30, 31, 35, 36], ["A", "B", "A", "B"]).to_numpy(),
+                               tau.to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(again.experiment_scores("validate", 4), s4, rtol=1e-4)
+    blocks, G = again.score_factors("validate", block_rows=7)  # S = M G^T for Auto-D3M
+    M = np.concatenate([b for _, b in blocks()])
+    np.testing.assert_allclose(M @ G.T, s4, rtol=1e-4, atol=1e-12)
+    assert snapshot() == before  # load_scorer and its scoring wrote nothing into 04_trak
     with pytest.raises(FileNotFoundError, match="trak_checkpoints"):
         attribution.baseline_scorer(tmp_path, "Edema", 0, cohort, images, cfg, [3], proj_dim=8,
                                     lambda_reg=0.0, batch_size=16, projector_seed=0)

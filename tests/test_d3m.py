@@ -81,3 +81,46 @@ def test_auto_d3m_recovers_planted_split():
     assert (~res.kept.to_numpy()[u > 0.5]).mean() > 0.9
     with pytest.raises(ValueError, match="shape"):
         d3m.auto_d3m(S[:, :10], np.arange(n_train), y, logits)
+
+
+def test_paper_auto_d3m_per_class_finds_a_split_other_than_the_label():
+    """Scores S = M G^T; within each class a hidden attribute (not the label) splits G."""
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(3)
+    n_train, kdim, n_val = 500, 12, 80
+    M = rng.normal(size=(n_train, kdim))
+    y = np.tile([0, 1], n_val // 2)
+    hidden = rng.permutation(np.repeat([0, 1], n_val // 2))  # independent of y
+    a = {0: rng.normal(size=kdim), 1: rng.normal(size=kdim)}
+    b = rng.normal(size=kdim)
+    G = np.stack([a[c] + (2 * h - 1) * 1.5 * b for c, h in zip(y, hidden)]) + 0.3 * rng.normal(size=(n_val, kdim))
+    logits = np.where(hidden == 1, -2.0, 2.0) * (2 * y - 1)  # hidden == 1 is the high-loss half
+    res = d3m.auto_d3m_per_class(M, G, np.arange(n_train), y, logits)
+    assert sorted(set(res.pseudo_groups)) == ["y0_a", "y0_b", "y1_a", "y1_b"]
+    for c in (0, 1):
+        part = res.pseudo_groups[y == c] == f"y{c}_a"
+        same = part == (hidden[y == c] == 1)
+        assert same.all() or (~same).all()
+    # the same split as the paper's recipe on the explicit n_train x n_val score matrix
+    S = M @ G.T
+    for c in (0, 1):
+        vecs = S[:, y == c].T
+        proj = PCA(n_components=1).fit_transform(vecs / np.linalg.norm(vecs, axis=1, keepdims=True))[:, 0]
+        ours = res.pseudo_groups[y == c] == f"y{c}_a"
+        assert (ours == (proj > 0)).all() or (ours == (proj < 0)).all()
+    # tau is the group mean of S's columns; streamed blocks give the same result
+    for g in res.tau.columns:
+        np.testing.assert_allclose(res.tau[g], S[:, res.pseudo_groups == g].mean(axis=1), rtol=1e-10)
+
+    def blocks():
+        for s in range(0, n_train, 64):
+            yield s, M[s:s + 64]
+    res2 = d3m.auto_d3m_per_class(blocks, G, np.arange(n_train), y, logits)
+    assert (res2.pseudo_groups == res.pseudo_groups).all()
+    np.testing.assert_allclose(res2.scores, res.scores)
+    # the high-loss hidden half is up-weighted: images that help it (M b > 0) are kept more
+    helps = M @ b > 0
+    assert res.kept.to_numpy()[helps].mean() > res.kept.to_numpy()[~helps].mean()
+    with pytest.raises(ValueError, match="rows"):
+        d3m.auto_d3m_per_class(M, G[:5], np.arange(n_train), y, logits)
