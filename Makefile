@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(TORCH)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,ray]'
 	@# papermill runs kernel "python3": make sure it is this environment's
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3"
 	touch $(STAMP)

@@ -177,6 +177,12 @@ PARAMS: tuple[Param, ...] = (
     P("trak_proj_dim", 256, "JL projection dimension (below the number of training images)", (S04,),
       type="int", check=_range(1)),
     P("trak_lambda_reg", 0.0, "ridge term added to X^T X", (S04,), type="float", check=_range(0)),
+    P("trak_featurizer", "factorized", "factorized (per-layer Kronecker projections, no per-example gradients) "
+      "or traker (per-example gradients, dense JL projection)", (S04,), choices=("factorized", "traker")),
+    P("trak_ray_workers", 0, "featurize on this many Ray workers (0: in this process; needs the ray extra)",
+      (S04,), kind="view", type="int", check=_range(0)),
+    P("trak_ray_address", None, "Ray cluster to join (null: a local Ray; 'auto': the running cluster)", (S04,),
+      kind="view", nullable=True),
     P("trak_batch_size", 128, "images per per-example-gradient batch", (S04,), type="int", check=_range(1)),
     P("trak_seed", 0, "projection seed and choice of example images", (S04,), type="int"),
     P("trak_sanity_targets", 20, "training images scored against themselves", (S04,), type="int",
@@ -196,8 +202,9 @@ PARAMS: tuple[Param, ...] = (
       choices=("negative", "k_lowest")),
     P("d3m_k", None, "images to drop when d3m_selection is k_lowest", (S05,), type="int", nullable=True,
       check=_range(1)),
-    P("d3m_auto_method", "pca", "Auto-D3M pseudo-groups: pca (sign of the top PC) or kmeans", (S05,),
-      choices=("pca", "kmeans")),
+    P("d3m_auto_method", "pca_per_class", "Auto-D3M pseudo-groups: pca_per_class (the D3M paper: per class, "
+      "L2-normalised score rows, sign of the top PC), pca (one PCA over all) or kmeans", (S05,),
+      choices=("pca_per_class", "pca", "kmeans")),
     P("methods", ["d3m", "random", "balanced", "auto_d3m"], "selections to retrain", (S05,),
       type="str_list", check=_methods),
     P("synthetic_ground_truth", None, "planted_ground_truth.csv.gz; null: the one beside the synthetic "
