@@ -598,10 +598,10 @@ def baseline_scorer(run_path: str | Path, finding: str, seed: int, cohort: pd.Da
     :class:`TrakScorer`).
     """
     from . import models, training
+    from .rundir import RunDir
 
-    run_path = Path(run_path)
-    fdir = training.finding_dirname(finding)
-    ck_dir = run_path / "03_baseline" / fdir / f"seed{seed}"
+    run = RunDir(run_path)
+    ck_dir = run.model_dir("03_baseline", finding, seed)
     ckpts = {}
     for e in checkpoints:
         f = ck_dir / f"epoch_{int(e):02d}.pt"
@@ -612,7 +612,7 @@ def baseline_scorer(run_path: str | Path, finding: str, seed: int, cohort: pd.Da
         raise KeyError(f"cohort table has no label column '{finding}'")
     train_rows = training.task_rows(cohort, finding, "train")[0]
     labels = cohort.set_index("row")[finding].dropna()
-    save_dir = run_path / "04_trak" / fdir / f"seed{seed}"
+    save_dir = run.model_dir("04_trak", finding, seed)
     sc = TrakScorer(lambda: models.build_model(cfg.arch, num_outputs=1, width=cfg.width),
                     save_dir, images, train_rows, labels, ckpts, proj_dim=proj_dim,
                     lambda_reg=lambda_reg, device=device, projector_seed=projector_seed,
@@ -636,6 +636,7 @@ def load_scorer(save_dir: str | Path, device: str = "cpu",
     ``trak_featurizer`` existed were featurized by traker.
     """
     from . import image_cache
+    from .rundir import RunDir
     from .training import TrainConfig
 
     save_dir = Path(save_dir)
@@ -644,8 +645,9 @@ def load_scorer(save_dir: str | Path, device: str = "cpu",
         raise FileNotFoundError(f"{f} not found: run notebook 04_trak for this finding and seed")
     c = json.loads(f.read_text())
     run_path = save_dir.parents[2]  # <run>/04_trak/<finding>/seed<s>
-    cohort = pd.read_parquet(run_path / "01_cohort" / "cohort.parquet")
-    images = image_cache.open_cache(run_path / "01_cohort" / "image_cache", c["image_size"])
+    cohort_dir = RunDir(run_path).stage_dir("01_cohort")
+    cohort = pd.read_parquet(cohort_dir / "cohort.parquet")
+    images = image_cache.open_cache(cohort_dir / "image_cache", c["image_size"], rows=cohort["row"])
     cfg = TrainConfig(arch=c["arch"], width=c["width"], image_size=c["image_size"])
     sc = baseline_scorer(run_path, c["finding"], c["seed"], cohort, images, cfg, c["epochs"],
                          proj_dim=c["proj_dim"], lambda_reg=c["lambda_reg"],

@@ -447,6 +447,11 @@ def _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock
                     entry.update(status="failed", error=str(exc), finished_at=_now())
                     raise
                 m = target.manifest(name) or {}
+                if m.get("code") and m.get("code") != record["code_version"]["library"]:
+                    entry.update(status="failed", finished_at=_now())
+                    raise RunnerError(f"the library code changed while this run was in progress (stage {name} "
+                                      f"ran with code {m.get('code')}, the run started with "
+                                      f"{record['code_version']['library']}); start the run again")
                 if not m.get("complete") or m.get("fingerprint") != step["fingerprint"]:
                     entry.update(status="failed", finished_at=_now())
                     raise RunnerError(f"notebook {nb.name} finished but stage {name} is not complete with "
