@@ -27,6 +27,7 @@ demo: $(STAMP)
 	@echo "Open the book: $(CURDIR)/runs/demo/book/_build/html/index.html"
 
 test: $(STAMP)
+	$(PY) -m ruff check d3m_lib tests scripts benchmarks
 	$(PY) -m pytest -q
 
 book: $(STAMP)

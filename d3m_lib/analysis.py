@@ -1,55 +1,51 @@
 """Per-race comparison of training methods across seeds, with intervals.
 
 One object, :class:`MethodComparison`, answers every per-group question that
-notebooks 06 and 07 ask of ``05_d3m/predictions.parquet``: per-group metrics
+notebooks 05, 06 and 07 ask of ``05_d3m/predictions.parquet``: per-group metrics
 per method, the source study's table (baseline vs D3M per race, with the change
 and the change in training images), worst-group accuracy across findings and
-methods, forest-plot data, AUROC per group and the underdiagnosis view
-(false positive rate of "No Finding" per race, Seyyed-Kalantari et al.).
-:func:`removed_summary` says who a selection removed; :func:`worst_group_errors`,
-:func:`influence_composition` and :func:`removed_vs_kept_means` serve the error
-analysis (notebook 07); :func:`comparison_table`, :func:`wide_per_group`,
-:func:`wga_wide` and :func:`format_intervals` make display tables.
+methods, paired differences between methods (:meth:`MethodComparison.paired_table`),
+the share of the oracle's gain a method recovers, forest-plot data, AUROC per
+group and the underdiagnosis view (false positive rate of "No Finding" per
+race, Seyyed-Kalantari et al.). :func:`removed_summary` says who a selection
+removed; :func:`worst_group_errors`, :func:`influence_composition` and
+:func:`removed_vs_kept_means` serve the error analysis (notebook 07);
+:func:`comparison_table`, :func:`wide_per_group`, :func:`wga_wide` and
+:func:`format_intervals` make display tables.
 
-How intervals combine seeds and test-set sampling
--------------------------------------------------
-For one (finding, split) every model is evaluated on the same images. We draw
-``n_boot`` bootstrap resamples of those images once, stratified by group (each
-group resampled within itself, so group sizes stay fixed), and evaluate *every*
-(method, seed) model on the *same* resamples. For a quantity ``q`` (a group's
-accuracy, a change against the baseline, worst-group accuracy):
+Every number comes from :class:`d3m_lib.metrics.GroupMetrics`, one per
+(finding, split), over every (method, seed) model on the same images. Its module
+docstring states the rules: patient-level cluster bootstrap within group,
+seeds pooled over shared resamples (point = mean over seeds; interval =
+percentile of the pooled seeds x resamples), paired differences per seed and
+resample (seeds paired by number: a method's seed ``s`` and the baseline's seed
+``s`` start from the same anchor checkpoint), and one worst-group rule
+(``min_group_n``, ties to the group name sorting first).
 
-* the point estimate is the mean over seeds of ``q`` on the full evaluation set;
-* the interval is the percentile interval of the pooled ``seeds x n_boot``
-  replicates of ``q``.
-
-The pooled distribution is the mixture, over seeds, of each seed's bootstrap
-distribution, so its width contains both the between-seed spread (training
-randomness) and the within-seed sampling error of a finite test set. It is an
-interval for "one training run of this method, evaluated on a test set like
-this one" and is therefore wider (more conservative) than an interval for the
-seed *mean*. We chose it over "mean of seeds with a t-interval" because with
-the few seeds a study can afford (3-5) a t-interval on seed means ignores the
-test-set sampling error that dominates for small groups. Changes (method minus
-baseline) are paired: within a seed, both models are scored on the same
-resampled images, so the shared difficulty of a resample cancels. Seeds are
-paired by seed number; a method's seed ``s`` and the baseline's seed ``s``
-start from the same baseline checkpoint in this pipeline.
+Patients: the predictions table has no patient column, so the cohort table's
+``subject_id`` is joined on ``row``. Without it the bootstrap falls back to
+images, with a warning, and :attr:`MethodComparison.cluster_unit` says ``image``.
 """
 
 from __future__ import annotations
 
+import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 
+from . import methods as _methods
 from .metrics import ALL as OVERALL  # the overall row is named as in metrics.group_metrics
+from .metrics import AVAILABLE_METRICS, GroupMetrics, metric_values, pick_worst
+
 METRICS = ("accuracy", "fpr", "fnr", "auroc")
 PRED_COLUMNS = ("finding", "method", "seed", "split", "row", "group", "y", "prob", "pred")
 SELECTION_COLUMNS = ("finding", "method", "seed", "row", "kept")
+# The paired comparisons the book reports, in this order (those whose two methods were run).
+DEFAULT_PAIRS = (("d3m", "random"), ("d3m", "erm"), ("auto_d3m", "auto_random"), ("auto_d3m", "random"),
+                 ("oracle", "erm"), ("d3m", "balanced"))
 
 
 def _require_columns(df: pd.DataFrame, cols, what: str) -> None:
@@ -60,67 +56,12 @@ def _require_columns(df: pd.DataFrame, cols, what: str) -> None:
 
 def weighted_metric(metric: str, y: np.ndarray, pred: np.ndarray, prob: np.ndarray,
                     weights: np.ndarray) -> np.ndarray:
-    """``metric`` of one model under each row of ``weights`` (B x n resample counts).
-
-    ``weights = np.ones((1, n))`` gives the plain metric. Returns B values; NaN
-    where the metric is undefined (e.g. FPR with no negatives, AUROC with one class).
-    """
-    y = np.asarray(y).astype(bool)
-    pred = np.asarray(pred).astype(bool)
-    w = np.asarray(weights, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if metric == "accuracy":
-            return w @ (pred == y) / w.sum(1)
-        if metric == "fpr":
-            return w @ (pred & ~y) / (w @ ~y)
-        if metric == "fnr":
-            return w @ (~pred & y) / (w @ y)
-        if metric == "auroc":
-            # Weighted Mann-Whitney U: P(score_pos > score_neg) + 0.5 P(tie).
-            _, inv = np.unique(np.asarray(prob, dtype=float), return_inverse=True)
-            k = inv.max() + 1 if len(inv) else 0
-            n = len(y)
-            ind = sparse.csr_matrix((np.ones(n), (np.arange(n), inv)), shape=(n, k))
-            pos = np.asarray((ind.T.multiply(y[None, :]) @ w.T).T)
-            neg = np.asarray((ind.T.multiply(~y[None, :]) @ w.T).T)
-            below = np.cumsum(neg, axis=1) - neg
-            num = (pos * (below + 0.5 * neg)).sum(1)
-            return num / (pos.sum(1) * neg.sum(1))
-    raise ValueError(f"unknown metric '{metric}'; choose from {METRICS}")
-
-
-def _percentile_interval(values: np.ndarray, ci_level: float) -> tuple[float, float]:
-    v = np.asarray(values, dtype=float).ravel()
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return (np.nan, np.nan)
-    a = (1 - ci_level) / 2
-    return (float(np.quantile(v, a)), float(np.quantile(v, 1 - a)))
-
-
-def _undefined_note(metric: str, n: int, n_pos: int) -> str:
-    """Why a metric is NaN for a group ("" when it is defined)."""
-    if metric in ("fpr", "auroc") and n_pos == n:
-        return "undefined: no negatives"
-    if metric in ("fnr", "auroc") and n_pos == 0:
-        return "undefined: no positives"
-    return ""
+    """Deprecated alias of :func:`d3m_lib.metrics.metric_values` (same arguments, reordered)."""
+    return metric_values(metric, y, pred, prob, weights)
 
 
 def _stable_seed(*parts) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode())
-
-
-@dataclass
-class _EvalSet:
-    """All models of one (finding, split), aligned on the same rows."""
-
-    rows: np.ndarray
-    groups: np.ndarray
-    y: np.ndarray
-    models: dict  # (method, seed) -> (pred, prob)
-    weights: np.ndarray  # n_boot x n, stratified by group
-    cache: dict = field(default_factory=dict)
 
 
 class MethodComparison:
@@ -131,7 +72,8 @@ class MethodComparison:
     predictions : the long table ``05_d3m/predictions.parquet``.
     selections : ``05_d3m/selections.parquet`` (optional; needed for the change
         in training images in :meth:`source_table`).
-    cohort : ``01_cohort/cohort.parquet`` (optional; gives training rows' groups).
+    cohort : ``01_cohort/cohort.parquet`` (optional; gives training rows' groups
+        and, with ``subject_id``, the patients the bootstrap resamples).
     n_boot, ci_level, seed : bootstrap resamples, interval level, random seed.
     min_group_n : groups with fewer evaluation images than this are left out of
         worst-group accuracy (listed in the table's ``excluded_groups``).
@@ -146,10 +88,8 @@ class MethodComparison:
         if n_boot < 1:
             raise ValueError(f"n_boot must be >= 1, got {n_boot}")
         p = predictions.copy()
-        p["finding"] = p["finding"].astype(str)
-        p["method"] = p["method"].astype(str)
-        p["split"] = p["split"].astype(str)
-        p["group"] = p["group"].astype(str)
+        for c in ("finding", "method", "split", "group"):
+            p[c] = p[c].astype(str)
         p["seed"] = p["seed"].astype(int)
         p["row"] = p["row"].astype(int)
         dup = p.duplicated(["finding", "method", "seed", "split", "row"])
@@ -159,16 +99,28 @@ class MethodComparison:
         bad_y = ~p["y"].isin([0, 1])
         if bad_y.any():
             raise ValueError(f"predictions column 'y' must be 0/1; {int(bad_y.sum())} rows are not")
-        self.predictions = p
-        self.selections = selections
-        self.cohort = cohort
         if selections is not None:
             _require_columns(selections, SELECTION_COLUMNS, "selections table")
         if cohort is not None:
             _require_columns(cohort, ("row", "group", "split"), "cohort table")
+        self.cluster_unit = "image"
+        if "subject_id" not in p.columns and cohort is not None and "subject_id" in cohort.columns:
+            subj = cohort.set_index("row")["subject_id"]
+            missing = ~p["row"].isin(subj.index)
+            if missing.any():
+                raise ValueError(f"{int(missing.sum())} predictions name rows that are not in the cohort table")
+            p["subject_id"] = subj.loc[p["row"]].astype(str).to_numpy()
+        if "subject_id" in p.columns:
+            self.cluster_unit = "patient"
+        else:
+            warnings.warn("MethodComparison: no subject_id (pass the cohort with its subject_id column): "
+                          "intervals resample images, not patients", stacklevel=2)
+        self.predictions = p
+        self.selections = selections
+        self.cohort = cohort
         self.n_boot, self.ci_level, self.seed = int(n_boot), float(ci_level), int(seed)
         self.min_group_n = int(min_group_n)
-        self._sets: dict = {}
+        self._engines: dict = {}
 
     # -- what is there ------------------------------------------------------
     @property
@@ -179,76 +131,34 @@ class MethodComparison:
         p = self.predictions if finding is None else self.predictions[self.predictions["finding"] == finding]
         return list(dict.fromkeys(p["method"]))
 
-    # -- the aligned evaluation set -------------------------------------------
-    def _eval(self, finding: str, split: str) -> _EvalSet:
+    # -- the engine of one (finding, split) -----------------------------------------
+    def engine(self, finding: str, split: str = "test") -> GroupMetrics:
+        """The :class:`~d3m_lib.metrics.GroupMetrics` of every (method, seed) model on one finding and split."""
         key = (finding, split)
-        if key in self._sets:
-            return self._sets[key]
-        p = self.predictions
-        sub = p[(p["finding"] == finding) & (p["split"] == split)]
-        if sub.empty:
-            raise KeyError(f"no predictions for finding '{finding}' on split '{split}'; "
-                           f"findings: {self.findings}, splits: {sorted(p['split'].unique())}")
-        ref = None
-        models = {}
-        for (method, seed), g in sub.groupby(["method", "seed"], sort=False):
-            g = g.sort_values("row")
-            rows = g["row"].to_numpy()
-            if ref is None:
-                ref = g
-            elif not np.array_equal(rows, ref["row"].to_numpy()):
-                raise ValueError(
-                    f"{finding}/{split}: method '{method}' seed {seed} was evaluated on other images "
-                    f"({len(rows)} rows) than the first model ({len(ref)} rows); paired comparison "
-                    "needs every model on the same rows")
-            elif not (np.array_equal(g["y"].to_numpy(), ref["y"].to_numpy())
-                      and np.array_equal(g["group"].to_numpy(), ref["group"].to_numpy())):
-                raise ValueError(f"{finding}/{split}: method '{method}' seed {seed} disagrees with "
-                                 "the other models on 'y' or 'group' of the same rows")
-            models[(method, int(seed))] = (g["pred"].to_numpy().astype(bool),
-                                           g["prob"].to_numpy().astype(float))
-        groups = ref["group"].to_numpy().astype(str)
-        rng = np.random.default_rng([self.seed, _stable_seed(finding, split)])
-        n = len(groups)
-        w = np.zeros((self.n_boot, n), dtype=np.int32)
-        for g in np.unique(groups):
-            idx = np.flatnonzero(groups == g)
-            w[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1 / len(idx)), size=self.n_boot)
-        es = _EvalSet(ref["row"].to_numpy(), groups, ref["y"].to_numpy().astype(bool), models, w)
-        self._sets[key] = es
-        return es
-
-    def _values(self, finding: str, split: str, metric: str):
-        """{(method, seed): {group: (point, replicates)}} including the Overall group."""
-        es = self._eval(finding, split)
-        if metric in es.cache:
-            return es.cache[metric]
-        masks = {g: es.groups == g for g in sorted(np.unique(es.groups))}
-        masks[OVERALL] = np.ones(len(es.groups), dtype=bool)
-        out = {}
-        for key, (pred, prob) in es.models.items():
-            out[key] = {}
-            for g, m in masks.items():
-                args = (es.y[m], pred[m], prob[m])
-                point = weighted_metric(metric, *args, np.ones((1, int(m.sum()))))[0]
-                reps = weighted_metric(metric, *args, es.weights[:, m])
-                out[key][g] = (float(point), reps)
-        es.cache[metric] = out
-        return out
+        if key not in self._engines:
+            p = self.predictions
+            sub = p[(p["finding"] == finding) & (p["split"] == split)]
+            if sub.empty:
+                raise KeyError(f"no predictions for finding '{finding}' on split '{split}'; "
+                               f"findings: {self.findings}, splits: {sorted(p['split'].unique())}")
+            try:
+                self._engines[key] = GroupMetrics.from_frame(
+                    sub, cluster="subject_id" if self.cluster_unit == "patient" else None, model="method",
+                    seed="seed", row="row", n_boot=self.n_boot, ci_level=self.ci_level,
+                    random_state=[self.seed, _stable_seed(finding, split)], min_group_n=self.min_group_n)
+            except ValueError as e:
+                raise ValueError(f"{finding}/{split}: {e}") from e
+        return self._engines[key]
 
     def _group_counts(self, finding: str, split: str) -> pd.DataFrame:
-        es = self._eval(finding, split)
-        df = pd.DataFrame({"group": es.groups, "y": es.y.astype(int)})
-        c = df.groupby("group").agg(n=("y", "size"), n_pos=("y", "sum"))
-        c.loc[OVERALL] = [len(df), int(df["y"].sum())]
-        return c
+        return self.engine(finding, split).counts
 
     def _seeds(self, finding: str, method: str, split: str) -> list[int]:
-        seeds = sorted(s for (m, s) in self._eval(finding, split).models if m == method)
-        if not seeds:
+        try:
+            return self.engine(finding, split).seeds(method)
+        except KeyError:
             raise KeyError(f"no predictions of method '{method}' for '{finding}' on '{split}'; "
-                           f"methods: {self.methods(finding)}")
-        return seeds
+                           f"methods: {self.methods(finding)}") from None
 
     # -- per-group metrics ------------------------------------------------------
     def per_group(self, finding: str, split: str = "test", metric: str = "accuracy",
@@ -256,27 +166,19 @@ class MethodComparison:
         """Per group (and Overall) and method: ``metric`` mean over seeds, interval, n.
 
         Columns: finding, split, metric, method, group, value, lo, hi, seed_sd,
-        n_seeds, n, n_pos, note (why a value is NaN: a group without negatives
-        has no FPR, one without positives no FNR; AUROC needs both).
+        n_seeds, n, n_pos, n_clusters, note (why a value is NaN: a group without
+        negatives has no FPR, one without positives no FNR; AUROC needs both).
         """
-        vals = self._values(finding, split, metric)
-        counts = self._group_counts(finding, split)
-        recs = []
-        for method in methods or self.methods(finding):
-            seeds = self._seeds(finding, method, split)
-            for g in counts.index:
-                points = np.array([vals[(method, s)][g][0] for s in seeds])
-                reps = np.stack([vals[(method, s)][g][1] for s in seeds])
-                lo, hi = _percentile_interval(reps, self.ci_level)
-                ok = np.isfinite(points)
-                n, n_pos = int(counts.loc[g, "n"]), int(counts.loc[g, "n_pos"])
-                recs.append(dict(finding=finding, split=split, metric=metric, method=method, group=g,
-                                 value=float(points[ok].mean()) if ok.any() else np.nan,
-                                 lo=lo, hi=hi,
-                                 seed_sd=float(points[ok].std(ddof=1)) if ok.sum() > 1 else np.nan,
-                                 n_seeds=len(seeds), n=n, n_pos=n_pos,
-                                 note=_undefined_note(metric, n, n_pos)))
-        return pd.DataFrame(recs)
+        if metric not in AVAILABLE_METRICS:
+            raise ValueError(f"unknown metric '{metric}'; choose from {AVAILABLE_METRICS}")
+        methods = methods or self.methods(finding)
+        for m in methods:
+            self._seeds(finding, m, split)
+        t = self.engine(finding, split).table(metric, methods).rename(columns={"model": "method"})
+        t.insert(0, "split", split)
+        t.insert(0, "finding", finding)
+        return t[["finding", "split", "metric", "method", "group", "value", "lo", "hi", "seed_sd", "n_seeds",
+                  "n", "n_pos", "n_clusters", "note"]]
 
     def change(self, finding: str, method: str, baseline: str = "erm", split: str = "test",
                metric: str = "accuracy") -> pd.DataFrame:
@@ -284,19 +186,14 @@ class MethodComparison:
 
         Columns: group, change, change_lo, change_hi, n_pairs.
         """
-        vals = self._values(finding, split, metric)
-        seeds = sorted(set(self._seeds(finding, method, split)) & set(self._seeds(finding, baseline, split)))
-        if not seeds:
-            raise ValueError(f"{finding}: methods '{method}' and '{baseline}' share no seed; "
-                             "a paired change needs the same seeds")
-        recs = []
-        for g in self._group_counts(finding, split).index:
-            d_point = np.array([vals[(method, s)][g][0] - vals[(baseline, s)][g][0] for s in seeds])
-            d_reps = np.stack([vals[(method, s)][g][1] - vals[(baseline, s)][g][1] for s in seeds])
-            lo, hi = _percentile_interval(d_reps, self.ci_level)
-            recs.append(dict(group=g, change=float(np.nanmean(d_point)) if np.isfinite(d_point).any() else np.nan,
-                             change_lo=lo, change_hi=hi, n_pairs=len(seeds)))
-        return pd.DataFrame(recs)
+        for m in (method, baseline):
+            self._seeds(finding, m, split)
+        try:
+            d = self.engine(finding, split).paired_difference_ci(method, baseline, metric)
+        except ValueError as e:
+            raise ValueError(f"{finding}: {e}") from e
+        return pd.DataFrame({"group": d["group"], "change": d["value"], "change_lo": d["lo"],
+                             "change_hi": d["hi"], "n_pairs": d["n_seeds"]})
 
     def train_counts(self, finding: str, method: str) -> pd.DataFrame:
         """Training images per group before selection and removed by ``method`` (mean over seeds).
@@ -373,35 +270,56 @@ class MethodComparison:
 
     def worst_group_table(self, split: str = "test", metric: str = "accuracy",
                           findings: list[str] | None = None, methods: list[str] | None = None) -> pd.DataFrame:
-        """Worst-group ``metric`` (minimum over groups) per finding and method.
+        """Worst-group ``metric`` per finding and method (the one rule of :mod:`d3m_lib.metrics`).
 
-        Point: mean over seeds of the per-seed minimum; interval: pooled
-        percentile of per-replicate minima. Groups with fewer than
-        ``min_group_n`` images are left out and listed in ``excluded_groups``.
-        Columns: finding, method, wga, lo, hi, worst_group (most frequent
-        per-seed argmin), n_worst, n_seeds, excluded_groups.
+        Worst = lowest (highest for FPR/FNR) over groups with at least
+        ``min_group_n`` images; point: mean over seeds of each seed's worst value;
+        interval: pooled percentile of per-seed, per-resample worst values.
+        Columns: finding, method, wga, lo, hi, worst_group (worst group of the
+        seed means; ties to the name sorting first), n_worst, n_seeds, excluded_groups.
+        """
+        frames = []
+        for f in findings or self.findings:
+            eng = self.engine(f, split)
+            ms = [m for m in (methods or self.methods(f)) if m in eng.models]
+            if not eng.eligible:
+                raise ValueError(f"{f}: no group has at least min_group_n={self.min_group_n} images")
+            t = eng.worst_ci(metric, ms)
+            frames.append(pd.DataFrame({"finding": f, "method": t["model"], "wga": t["value"], "lo": t["lo"],
+                                        "hi": t["hi"], "worst_group": t["group"], "n_worst": t["n"],
+                                        "n_seeds": t["n_seeds"], "excluded_groups": t["excluded_groups"]}))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+            columns=["finding", "method", "wga", "lo", "hi", "worst_group", "n_worst", "n_seeds", "excluded_groups"])
+
+    def paired_table(self, pairs=DEFAULT_PAIRS, split: str = "test", metric: str = "accuracy",
+                     findings: list[str] | None = None) -> pd.DataFrame:
+        """Paired worst-group differences ``a - b`` per finding, for the pairs whose methods were run.
+
+        Each method's worst group is taken per seed and resample; seeds paired by
+        number. Columns: finding, a, b, diff, lo, hi, n_pairs, excludes_zero.
         """
         recs = []
         for f in findings or self.findings:
-            vals = self._values(f, split, metric)
-            counts = self._group_counts(f, split).drop(index=OVERALL)
-            keep = [g for g in counts.index if counts.loc[g, "n"] >= self.min_group_n]
-            excluded = [g for g in counts.index if g not in keep]
-            if not keep:
-                raise ValueError(f"{f}: no group has at least min_group_n={self.min_group_n} images")
-            for m in methods or self.methods(f):
-                if not any(mm == m for (mm, _) in vals):
-                    continue
-                seeds = self._seeds(f, m, split)
-                pts = np.array([[vals[(m, s)][g][0] for g in keep] for s in seeds])  # seeds x groups
-                reps = np.stack([np.stack([vals[(m, s)][g][1] for g in keep], 1) for s in seeds])  # s x B x g
-                mins = np.nanmin(pts, axis=1)
-                arg = [keep[i] for i in np.nanargmin(pts, axis=1)]
-                worst = max(set(arg), key=arg.count)
-                lo, hi = _percentile_interval(np.nanmin(reps, axis=2), self.ci_level)
-                recs.append(dict(finding=f, method=m, wga=float(np.mean(mins)), lo=lo, hi=hi,
-                                 worst_group=worst, n_worst=int(counts.loc[worst, "n"]),
-                                 n_seeds=len(seeds), excluded_groups=", ".join(excluded)))
+            eng = self.engine(f, split)
+            for a, b in pairs:
+                if a in eng.models and b in eng.models:
+                    d = eng.paired_worst_ci(a, b, metric)
+                    recs.append(dict(finding=f, a=a, b=b, diff=d["value"], lo=d["lo"], hi=d["hi"],
+                                     n_pairs=d["n_seeds"], excludes_zero=bool(d["lo"] > 0 or d["hi"] < 0)))
+        return pd.DataFrame(recs, columns=["finding", "a", "b", "diff", "lo", "hi", "n_pairs", "excludes_zero"])
+
+    def recovery(self, method: str = "d3m", ceiling: str = "oracle", baseline: str = "erm",
+                 split: str = "test", metric: str = "accuracy", findings: list[str] | None = None) -> pd.DataFrame:
+        """Share of the ceiling's worst-group gain over ``baseline`` that ``method`` recovers, per finding.
+
+        See :meth:`d3m_lib.metrics.GroupMetrics.recovery_ci`. Columns: finding,
+        method, share, lo, hi, gain, gain_lo, gain_hi, n_seeds, reason.
+        """
+        recs = []
+        for f in findings or self.findings:
+            eng = self.engine(f, split)
+            if all(m in eng.models for m in (method, ceiling, baseline)):
+                recs.append(dict(finding=f, method=method, **eng.recovery_ci(method, ceiling, baseline, metric)))
         return pd.DataFrame(recs)
 
     def underdiagnosis(self, split: str = "test", finding: str = "No Finding",
@@ -417,11 +335,19 @@ class MethodComparison:
 
 
 def best_method(wga: pd.DataFrame, finding: str) -> str:
-    """Method with the highest worst-group accuracy for ``finding`` in a worst_group_table."""
+    """Method with the highest worst-group accuracy for ``finding`` in a worst_group_table.
+
+    Ties (equal to 12 decimals) go to the method listed first in the registry
+    (:func:`d3m_lib.methods.order`). Prefer a paired comparison
+    (:meth:`MethodComparison.paired_table`) before calling a method better.
+    """
     sub = wga[wga["finding"] == finding]
     if sub.empty:
         raise KeyError(f"no worst-group rows for '{finding}'")
-    return str(sub.loc[sub["wga"].idxmax(), "method"])
+    rank = {m: i for i, m in enumerate(_methods.order(sub["method"]))}
+    key = [(-round(float(v), 12) if np.isfinite(v) else np.inf, rank[m]) for m, v in zip(sub["method"], sub["wga"],
+                                                                                         strict=True)]
+    return str(sub["method"].iloc[min(range(len(key)), key=key.__getitem__)])
 
 
 # -- who was removed ------------------------------------------------------------------
@@ -528,7 +454,8 @@ def worst_group_errors(predictions: pd.DataFrame, finding: str, n: int, method: 
 
     The model is ``method`` at ``seed`` (default: the lowest seed). The worst
     group is the one with the lowest accuracy of that model on ``split`` among
-    groups with at least ``min_group_n`` images; errors are ranked by
+    groups with at least ``min_group_n`` images (ties to the name sorting
+    first: :func:`d3m_lib.metrics.pick_worst`); errors are ranked by
     ``|prob - threshold|`` (most confident first).
     Returns (group, table with row, group, y, prob, threshold, pred).
     """
@@ -541,11 +468,12 @@ def worst_group_errors(predictions: pd.DataFrame, finding: str, n: int, method: 
         raise KeyError(f"no '{method}' predictions of seed {seed} for '{finding}' on '{split}'; "
                        f"seeds: {sorted(sub['seed'].unique())}")
     sub = sub[sub["seed"] == seed]
-    right = (sub["pred"].astype(int) == sub["y"].astype(int)).groupby(sub["group"])
-    acc = right.mean()[right.size() >= min_group_n]
-    if acc.empty:
+    eng = GroupMetrics(sub["y"].to_numpy(), sub["prob"].to_numpy(), sub["pred"].to_numpy(),
+                       sub["group"].to_numpy(), n_boot=0, min_group_n=min_group_n)
+    if not eng.eligible:
         raise ValueError(f"{finding}: no group has at least min_group_n={min_group_n} '{split}' images")
-    worst = str(acc.idxmin())
+    acc = eng.by_group("accuracy").set_index("group").loc[eng.eligible, "value"]
+    worst = pick_worst(acc.index, acc.to_numpy(), "accuracy")[0]
     wrong = sub[(sub["group"] == worst) & (sub["pred"].astype(int) != sub["y"].astype(int))].copy()
     wrong["confidence"] = (wrong["prob"] - wrong["threshold"]).abs()
     wrong = wrong.sort_values(["confidence", "row"], ascending=[False, True]).head(int(n))
@@ -644,7 +572,7 @@ def comparison_table(mc: MethodComparison, finding: str, baseline: str = "erm",
     Every accuracy and change is ``est [lo, hi]``; ``Δn <method>`` is the mean
     number of that group's training images the method removed (negative).
     """
-    methods = methods or [m for m in mc.methods(finding) if m not in (baseline, "base")]
+    methods = methods or [m for m in _methods.order(mc.methods(finding)) if m not in (baseline, "base")]
     out = None
     for m in methods:
         t = mc.source_table(finding, m, baseline, split)
@@ -669,10 +597,10 @@ def wide_per_group(per_group: pd.DataFrame, fmt: str = ".3f") -> pd.DataFrame:
     return counts.join(wide).loc[order].reset_index()
 
 
-def wga_wide(wga: pd.DataFrame, method_order=("erm", "base", "d3m", "random", "balanced", "auto_d3m"),
-             fmt: str = ".3f") -> pd.DataFrame:
+def wga_wide(wga: pd.DataFrame, method_order=None, fmt: str = ".3f") -> pd.DataFrame:
     """Display table of a :meth:`MethodComparison.worst_group_table`: one row per finding,
-    one column per method (``est [lo, hi]``), methods in ``method_order`` then any others."""
+    one column per method (``est [lo, hi]``), methods in ``method_order`` (default: the registry's) then any others."""
+    method_order = _methods.order() if method_order is None else tuple(method_order)
     wide = format_intervals(wga, ["wga"], fmt).pivot(index="finding", columns="method", values="wga")
     cols = [m for m in method_order if m in wide.columns] + [m for m in wide.columns if m not in method_order]
     return wide[cols].loc[list(dict.fromkeys(wga["finding"]))].reset_index()

@@ -40,10 +40,13 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # annotations only; pandas is imported where it is used
+    import pandas as pd
 
 # pandas and tqdm are imported where used: worker processes import only numpy and Pillow.
 

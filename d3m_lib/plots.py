@@ -12,12 +12,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from . import methods as _methods
 from .analysis import OVERALL
 
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
-METHOD_ORDER = ("erm", "base", "d3m", "random", "balanced", "auto_d3m")
+METHOD_ORDER = _methods.order()  # the registry's order (d3m_lib.methods)
 
 
 def method_colors(methods) -> dict:
@@ -27,9 +28,8 @@ def method_colors(methods) -> dict:
 
 
 def ordered_methods(methods) -> list:
-    """Methods in METHOD_ORDER, then any others in order of appearance."""
-    seen = list(dict.fromkeys(methods))
-    return [m for m in METHOD_ORDER if m in seen] + [m for m in seen if m not in METHOD_ORDER]
+    """Methods in the registry's order, then any others in order of appearance."""
+    return list(_methods.order(methods))
 
 
 def _errors(df: pd.DataFrame, est: str, lo: str, hi: str) -> np.ndarray:
@@ -50,7 +50,7 @@ def forest_plot(forest: pd.DataFrame, title: str = "", xlabel: str = "change in 
         d = forest[forest["method"] == m].set_index("group").reindex(groups)
         y = np.arange(len(groups))[::-1] - (j - (len(methods) - 1) / 2) * step
         ax.errorbar(d["change"], y, xerr=_errors(d, "change", "change_lo", "change_hi"), fmt="o",
-                    color=colors[m], label=m, capsize=2, ms=4)
+                    color=colors[m], label=_methods.label(m), capsize=2, ms=4)
     labels = []
     n = forest.drop_duplicates("group").set_index("group")["n"] if "n" in forest else None
     for g in groups:
@@ -75,7 +75,7 @@ def wga_bars(wga: pd.DataFrame, title: str = "Worst-group accuracy"):
     for j, m in enumerate(methods):
         d = wga[wga["method"] == m].set_index("finding").reindex(findings)
         x = np.arange(len(findings)) + (j - (len(methods) - 1) / 2) * width
-        ax.bar(x, d["wga"], width, yerr=_errors(d, "wga", "lo", "hi"), color=colors[m], label=m,
+        ax.bar(x, d["wga"], width, yerr=_errors(d, "wga", "lo", "hi"), color=colors[m], label=_methods.label(m),
                capsize=2, error_kw=dict(lw=0.8))
     ax.set_xticks(np.arange(len(findings)), findings)
     ax.set_ylabel("worst-group accuracy")
@@ -103,7 +103,7 @@ def removed_bars(table: pd.DataFrame, by: str, value: str = "removed_rate", titl
     for j, m in enumerate(methods):
         d = table[table["method"] == m].set_index(by).reindex(cats)
         ax.bar(np.arange(len(cats)) + (j - (len(methods) - 1) / 2) * width, d[value], width,
-               color=colors[m], label=m)
+               color=colors[m], label=_methods.label(m))
     ax.set_xticks(np.arange(len(cats)), cats, rotation=20, ha="right")
     ax.set_ylabel(value.replace("_", " "))
     ax.set_title(title)

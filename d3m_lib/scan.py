@@ -74,7 +74,8 @@ def scan_metrics(cfg: TrainConfig, images: np.ndarray, cohort: pd.DataFrame, fin
 
     For each finding the threshold is chosen on its validate images by
     ``threshold_rule`` (all groups together), then accuracy, AUROC, FPR, FNR
-    are computed per group with bootstrap intervals. Returns the long table
+    are computed per group with patient-level bootstrap intervals (the cohort's
+    ``subject_id``; images if it is absent). Returns the long table
     (finding, group, metric, value, lo, hi, n, n_pos, note) and the thresholds.
     """
     findings = list(findings)
@@ -88,8 +89,9 @@ def scan_metrics(cfg: TrainConfig, images: np.ndarray, cohort: pd.DataFrame, fin
         prob = 1 / (1 + np.exp(-logits[m, k].astype(float)))
         t = choose_threshold(y, prob, threshold_rule) if len(np.unique(y)) == 2 else 0.5
         thresholds[f] = float(t)
+        clusters = va.loc[m, "subject_id"].to_numpy() if "subject_id" in va.columns else None
         df = group_metrics(y, prob, (prob >= t).astype(int), va.loc[m, "group"].astype(str).to_numpy(),
-                           n_boot=n_boot, ci_level=ci_level, seed=seed + k, min_n=min_n)
+                           n_boot=n_boot, ci_level=ci_level, seed=seed + k, min_n=min_n, clusters=clusters)
         df.insert(0, "finding", f)
         tables.append(df)
     return pd.concat(tables, ignore_index=True), thresholds
@@ -105,14 +107,16 @@ def rank_findings(scan: pd.DataFrame, counts: pd.DataFrame, min_group_n: int = 2
     (otherwise per-group accuracy, and D3M's per-group validation loss, are
     too noisy to act on). ``reason`` says why a finding is not eligible.
     ``rank`` (1 = largest accuracy gap) is given to eligible findings only;
-    ``gap_auroc`` is shown alongside.
+    ``gap_auroc`` is shown alongside. Worst/best group and gaps use the one
+    worst-group rule of :mod:`d3m_lib.metrics`: groups with at least
+    ``min_group_n`` validate images, ties to the name sorting first.
     """
     groups = sorted(set(counts["group"]))
     recs = []
     for f, sub in scan.groupby("finding", sort=False):
-        w_g, w_v = worst_group(sub, "accuracy")
-        b_g, b_v = best_group(sub, "accuracy")
-        wa_g, wa_v = worst_group(sub, "auroc")
+        w_g, w_v = worst_group(sub, "accuracy", min_group_n)
+        b_g, b_v = best_group(sub, "accuracy", min_group_n)
+        wa_g, wa_v = worst_group(sub, "auroc", min_group_n)
         reasons = []
         c = counts[counts["finding"] == f]
         for s in splits:
@@ -126,8 +130,8 @@ def rank_findings(scan: pd.DataFrame, counts: pd.DataFrame, min_group_n: int = 2
                     reasons.append(f"{g}/{s}: {p} positives < {min_group_pos}")
         overall = sub[(sub["group"] == ALL) & (sub["metric"] == "accuracy")]["value"]
         recs.append({
-            "finding": f, "available": True, "gap_accuracy": gap(sub, "accuracy"),
-            "gap_auroc": gap(sub, "auroc"), "worst_group": w_g, "worst_accuracy": w_v,
+            "finding": f, "available": True, "gap_accuracy": gap(sub, "accuracy", min_group_n),
+            "gap_auroc": gap(sub, "auroc", min_group_n), "worst_group": w_g, "worst_accuracy": w_v,
             "best_group": b_g, "best_accuracy": b_v, "worst_auroc_group": wa_g, "worst_auroc": wa_v,
             "overall_accuracy": float(overall.iloc[0]) if len(overall) else np.nan,
             "eligible": not reasons, "reason": "; ".join(reasons),

@@ -412,29 +412,33 @@ def predict(model_or_checkpoint, cfg: TrainConfig, images: np.ndarray, rows,
 
 
 def evaluate(model: nn.Module, cfg: TrainConfig, images: np.ndarray, rows, y, groups=None,
-             num_outputs: int = 1) -> dict:
+             num_outputs: int = 1, min_group_n: int = 1) -> dict:
     """Validation loss, accuracy at probability 0.5, AUROC (mean over outputs with both classes),
-    and worst-group accuracy when ``groups`` is given."""
-    from sklearn.metrics import roc_auc_score
+    and worst-group accuracy when ``groups`` is given.
+
+    Accuracy, AUROC and worst-group accuracy come from :mod:`d3m_lib.metrics`
+    (the study's one engine); with several outputs, accuracy pools every
+    labelled (image, output) pair. Worst group: groups with at least
+    ``min_group_n`` labelled pairs (the one rule).
+    """
+    from .metrics import GroupMetrics, metric_value
 
     y = np.asarray(y, dtype=np.float32).reshape(len(rows), -1)
     logits = predict(model, cfg, images, rows, num_outputs).reshape(len(rows), -1)
-    yt = torch.from_numpy(y)
-    loss = float(masked_bce(torch.from_numpy(logits), yt))
+    loss = float(masked_bce(torch.from_numpy(logits), torch.from_numpy(y)))
     mask = ~np.isnan(y)
-    correct = (logits > 0) == (y == 1)
-    acc = float(correct[mask].mean()) if mask.any() else float("nan")
-    aucs = []
-    for k in range(y.shape[1]):
-        m = mask[:, k]
-        if m.any() and len(np.unique(y[m, k])) == 2:
-            aucs.append(roc_auc_score(y[m, k], logits[m, k]))
+    yl, pl = y[mask].astype(int), (logits[mask] > 0).astype(int)  # prob > 0.5
+    acc = metric_value("accuracy", yl, pl) if mask.any() else float("nan")
+    aucs = [metric_value("auroc", y[mask[:, k], k], prob=logits[mask[:, k], k]) for k in range(y.shape[1])]
+    aucs = [a for a in aucs if np.isfinite(a)]
     rec = {"val_loss": loss, "val_acc": acc, "val_auroc": float(np.mean(aucs)) if aucs else float("nan")}
     if groups is not None:
-        groups = np.asarray(groups)
-        accs = [correct[groups == g][mask[groups == g]].mean() for g in np.unique(groups)
-                if mask[groups == g].any()]
-        rec["val_worst_group_acc"] = float(min(accs)) if accs else float("nan")
+        g = np.broadcast_to(np.asarray(groups).astype(str)[:, None], y.shape)[mask]
+        if mask.any():
+            gm = GroupMetrics(yl, logits[mask], pl, g, n_boot=0, min_group_n=min_group_n)
+            rec["val_worst_group_acc"] = float(gm.worst("accuracy").loc[0, "value"]) if gm.eligible else float("nan")
+        else:
+            rec["val_worst_group_acc"] = float("nan")
     return rec
 
 

@@ -144,7 +144,7 @@ def check_page(html_dir: Path, page: str, profile: Path, *, notebook: bool, min_
         if why:
             problems.append(f"{page}: screenshot: {why}")
     print(f"{page}: {real_images} images, {tables} tables with rows, "
-          f"{len(dom.errors)} error outputs" + (f", screenshot kept" if shots else ""))
+          f"{len(dom.errors)} error outputs" + (", screenshot kept" if shots else ""))
     return problems
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from d3m_lib import analysis
+from d3m_lib import analysis, config
 from d3m_lib.analysis import OVERALL, MethodComparison, removed_summary, weighted_metric
 from d3m_lib.constants import FINDINGS, RACE_GROUPS
 from d3m_lib.rundir import RunDir
@@ -124,9 +124,10 @@ def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True) -> dict:
     """Write a fake run folder under ``root``; returns paths and tables."""
     rng = np.random.default_rng(seed)
     run = RunDir(root / "run")
+    cfg = config.resolve({})
     data = root / "data" / "mimic-cxr-jpg"
     data.mkdir(parents=True)
-    st = run.begin("01_cohort", {"fake": True})
+    st = run.begin("01_cohort", cfg)
     cohort = _fake_cohort(rng)
     cohort.to_parquet(st.path("cohort.parquet"), index=False)
     _write_image_cache(cohort, st.dir / "image_cache", FAKE_PX, rng)
@@ -138,12 +139,14 @@ def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True) -> dict:
                        "kind": np.where(np.arange(30) % 2 == 0, "shortcut", "label_flip"),
                        "finding": np.where(np.arange(30) % 3 == 0, "No Finding", "Cardiomegaly")})
     gt.to_csv(data.parent / "planted_ground_truth.csv.gz", index=False)
-    st = run.begin("04_trak", {"fake": True}, needs=["01_cohort"])
+    for name in ("02_scan", "03_baseline"):  # empty upstream stages: 04 and 05 require them
+        run.begin(name, cfg).finish()
+    st = run.begin("04_trak", cfg)
     if with_trak:
         for f in FAKE_FINDINGS:
             _fake_trak(run, cohort, f, FAKE_SEEDS[0])
     st.finish()
-    st = run.begin("05_d3m", {"fake": True}, needs=["01_cohort", "04_trak"])
+    st = run.begin("05_d3m", cfg)
     preds = _fake_predictions(cohort, rng)
     sel, align = _fake_selections(cohort, rng)
     preds.to_parquet(st.path("predictions.parquet"), index=False)
@@ -350,3 +353,27 @@ def test_removed_summary_counts_and_precision_recall():
     # shortcut: img000010 (row 110, removed both seeds), img000029 (row 129, never removed)
     assert pl.loc["shortcut", "recall"] == pytest.approx(0.5)
     assert pl.loc["shortcut", "base_rate"] == pytest.approx(2 / 30)
+
+
+def test_patients_from_the_cohort_and_paired_table(fake_run):
+    preds, cohort = fake_run["predictions"], fake_run["cohort"]
+    mc = MethodComparison(preds, cohort=cohort[["row", "group", "split", "subject_id"]], n_boot=100)
+    assert mc.cluster_unit == "patient"
+    with pytest.warns(UserWarning, match="not patients"):
+        assert MethodComparison(preds, cohort=cohort[["row", "group", "split"]], n_boot=10).cluster_unit == "image"
+    pt = mc.paired_table(pairs=[("d3m", "random"), ("erm", "erm"), ("oracle", "erm")])
+    assert list(pt["a"]) == ["d3m", "erm"] * 2  # oracle was not run: its pair is left out
+    same = pt[pt["a"] == pt["b"]]
+    assert (same[["diff", "lo", "hi"]].to_numpy() == 0).all() and not same["excludes_zero"].any()
+    w = mc.worst_group_table().set_index(["finding", "method"])
+    d = pt[pt["a"] == "d3m"].set_index("finding")
+    for f in d.index:  # the paired point equals the difference of the two worst-group points
+        assert d.loc[f, "diff"] == pytest.approx(w.loc[(f, "d3m"), "wga"] - w.loc[(f, "random"), "wga"])
+    ch = mc.change(FAKE_FINDINGS[0], "d3m", "erm")
+    assert ((ch["change_lo"] >= -1) & (ch["change_hi"] <= 1)).all()
+
+
+def test_best_method_ties_follow_the_registry_order():
+    wga = pd.DataFrame({"finding": "F", "method": ["random", "d3m", "erm"], "wga": [0.7, 0.7, 0.6]})
+    assert analysis.best_method(wga, "F") == "d3m"
+    assert list(analysis.wga_wide(wga.assign(lo=0.5, hi=0.8)).columns) == ["finding", "erm", "d3m", "random"]

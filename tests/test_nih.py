@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,10 @@ def test_real_sample_counts_and_split():
 def test_real_sample_label_mapping():
     raw = pd.read_csv(SAMPLE / "Data_Entry_2017_v2020.csv")
     t = build_nih_cohort(SAMPLE).table.set_index("image_id").loc[raw["Image Index"]]
-    has = lambda lab: raw["Finding Labels"].str.split("|").apply(lambda xs: lab in xs).to_numpy()
+
+    def has(lab):
+        return raw["Finding Labels"].str.split("|").apply(lambda xs: lab in xs).to_numpy()
+
     # counts from the sample's README
     assert t["No Finding"].sum() == 499 and t["Pleural Effusion"].sum() == 170
     assert t["Lung Opacity"].sum() == 162 and t["Cardiomegaly"].sum() == 83

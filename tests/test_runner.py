@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CROSS_PAGE_INTRO
 from d3m_lib import __version__, rundir
 from d3m_lib.__main__ import main
 from d3m_lib.runner import RunnerError, assemble_book, build_book, parse_overrides, privacy_scan, run

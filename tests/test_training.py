@@ -152,3 +152,25 @@ def test_run_baseline_writes_artifacts_and_resumes(tmp_path):
     r2 = run_baseline(cfg(), images, cohort, "Cardiomegaly", out, progress=False)
     assert r2["resumed"] == ["anchor", "more"] and r2["threshold"] == r1["threshold"]
     assert (out / "epoch_04.pt").stat().st_mtime_ns == mtime
+
+
+def test_evaluate_uses_the_metric_engine(monkeypatch):
+    from sklearn.metrics import roc_auc_score
+
+    from d3m_lib import training as tr
+
+    logits = np.array([[2.0, -1.0], [-0.5, 1.0], [1.5, np.nan], [-2.0, 0.5], [0.3, -0.2], [-1.0, 2.0]])
+    y = np.array([[1, 0], [1, 1], [1, np.nan], [0, 1], [0, 0], [0, 0]], dtype=float)
+    monkeypatch.setattr(tr, "predict", lambda *a, **k: np.nan_to_num(logits))
+    groups = np.array(["B", "B", "A", "A", "C", "C"])
+    rec = tr.evaluate(None, None, None, np.arange(6), y, groups, num_outputs=2)
+    m = ~np.isnan(y)
+    assert rec["val_acc"] == pytest.approx(((logits[m] > 0) == (y[m] == 1)).mean())
+    assert rec["val_auroc"] == pytest.approx(np.mean([roc_auc_score(y[m[:, k], k], logits[m[:, k], k])
+                                                      for k in range(2)]))
+    # labelled (image, output) pairs: B 3/4 right, A 3/3, C 2/4 -> C
+    assert rec["val_worst_group_acc"] == pytest.approx(0.5)
+    rec = tr.evaluate(None, None, None, np.arange(6), y, groups, num_outputs=2, min_group_n=4)
+    assert rec["val_worst_group_acc"] == pytest.approx(0.5)  # A (3 pairs) is not a candidate, C is
+    rec = tr.evaluate(None, None, None, np.arange(6), y, groups, num_outputs=2, min_group_n=5)
+    assert np.isnan(rec["val_worst_group_acc"])
