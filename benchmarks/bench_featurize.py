@@ -3,7 +3,8 @@
 Quality (``--quality``): a synthetic cohort (``d3m_lib.synthetic``, planted harm recorded)
 and a ResNet-9 small enough (width 1, ~1.7k parameters) that exact, unprojected
 per-example gradients fit and ``X^T X`` is invertible (parameters < training images).
-Exact TRAK is ``X (X^T X)^+ g * Q`` (pseudo-inverse: dead units give zero gradient columns) on those gradients (one checkpoint). Each featurizer
+Exact TRAK is ``X (X^T X)^+ g * Q`` (pseudo-inverse: dead units give zero gradient columns)
+on those gradients (one checkpoint). Each featurizer
 runs through ``attribution.TrakScorer`` at the same ``--proj-dim``; the table gives the
 Spearman correlation of its D3M alignment scores ``A_i`` (race groups, softmax beta=1, the
 base model's group losses) with the exact ones, the mean per-target Spearman of raw
@@ -33,7 +34,6 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from d3m_lib import attribution, d3m, image_cache, models, training
-from d3m_lib.featurize import FactorizedFeaturizer
 
 
 def cohort_and_cache(work: Path, n_patients: int, px: int):
@@ -190,7 +190,8 @@ def speed(args) -> dict:
             times[k].append(time.perf_counter() - t0)
     tmp.cleanup()
     out = {k: B * (len(batches) - 1) / float(np.median(v)) for k, v in times.items()}
-    return {"arch": args.arch, "width": args.width, "px": px, "batch": B, "batches": args.batches, "repeats": args.repeats,
+    return {"arch": args.arch, "width": args.width, "px": px, "batch": B, "batches": args.batches,
+            "repeats": args.repeats,
             "proj_dim": args.proj_dim_speed, "images_per_s": out,
             "factorized_over_traker": out["factorized"] / out["traker"],
             "factorized_over_train_step": out["factorized"] / out["train_step"]}
