@@ -404,6 +404,42 @@ class MethodComparison:
                                  n_seeds=len(seeds), excluded_groups=", ".join(excluded)))
         return pd.DataFrame(recs)
 
+    def wga_change(self, baseline: str = "erm", split: str = "test", metric: str = "accuracy",
+                   findings: list[str] | None = None, methods: list[str] | None = None) -> pd.DataFrame:
+        """Paired change of worst-group ``metric`` against ``baseline``, per finding and method.
+
+        Within a seed and a bootstrap replicate both models are scored on the same
+        resampled images; each side takes its own minimum over the groups kept by
+        ``min_group_n`` (the worst group may differ). Point: mean over shared seeds;
+        interval: pooled percentile over seeds x replicates.
+        Columns: finding, method, change, lo, hi, n_pairs.
+        """
+        recs = []
+        for f in findings or self.findings:
+            vals = self._values(f, split, metric)
+            counts = self._group_counts(f, split).drop(index=OVERALL)
+            keep = [g for g in counts.index if counts.loc[g, "n"] >= self.min_group_n]
+            if not keep:
+                raise ValueError(f"{f}: no group has at least min_group_n={self.min_group_n} images")
+            for m in methods or [mm for mm in self.methods(f) if mm != baseline]:
+                seeds = sorted(set(self._seeds(f, m, split)) & set(self._seeds(f, baseline, split)))
+                if not seeds:
+                    raise ValueError(f"{f}: methods '{m}' and '{baseline}' share no seed")
+
+                def worst(method, s):
+                    pts = np.nanmin([vals[(method, s)][g][0] for g in keep])
+                    reps = np.nanmin(np.stack([vals[(method, s)][g][1] for g in keep], 1), axis=1)
+                    return pts, reps
+                d_pts, d_reps = [], []
+                for s in seeds:
+                    (pm, rm), (pb, rb) = worst(m, s), worst(baseline, s)
+                    d_pts.append(pm - pb)
+                    d_reps.append(rm - rb)
+                lo, hi = _percentile_interval(np.stack(d_reps), self.ci_level)
+                recs.append(dict(finding=f, method=m, change=float(np.mean(d_pts)), lo=lo, hi=hi,
+                                 n_pairs=len(seeds)))
+        return pd.DataFrame(recs)
+
     def underdiagnosis(self, split: str = "test", finding: str = "No Finding",
                        methods: list[str] | None = None) -> pd.DataFrame:
         """False positive rate of "No Finding" per race and method.
@@ -676,3 +712,21 @@ def wga_wide(wga: pd.DataFrame, method_order=("erm", "base", "d3m", "random", "b
     wide = format_intervals(wga, ["wga"], fmt).pivot(index="finding", columns="method", values="wga")
     cols = [m for m in method_order if m in wide.columns] + [m for m in wide.columns if m not in method_order]
     return wide[cols].loc[list(dict.fromkeys(wga["finding"]))].reset_index()
+
+
+def headline_from_forest(forest: pd.DataFrame, wga: pd.DataFrame, baseline: str = "erm") -> pd.DataFrame:
+    """Per finding and method: paired change against ``baseline`` on the baseline's worst group.
+
+    ``forest``: :meth:`MethodComparison.forest_data` rows; ``wga``: its
+    :meth:`~MethodComparison.worst_group_table`. A stand-in for
+    :meth:`MethodComparison.wga_change` when only these tables were saved.
+    Columns: finding, method, change, lo, hi, group.
+    """
+    _require_columns(forest, ["finding", "method", "group", "change", "change_lo", "change_hi"], "forest")
+    _require_columns(wga, ["finding", "method", "worst_group"], "worst-group table")
+    worst = wga[wga["method"] == baseline].set_index("finding")["worst_group"].astype(str)
+    f = forest[forest["method"] != baseline].copy()
+    f["finding"] = f["finding"].astype(str)
+    f = f[f["group"].astype(str) == f["finding"].map(worst)]
+    out = f.rename(columns={"change_lo": "lo", "change_hi": "hi"})
+    return out[["finding", "method", "change", "lo", "hi", "group"]].reset_index(drop=True)
