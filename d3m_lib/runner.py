@@ -571,19 +571,27 @@ def assemble_book(run_dir: str | Path, *, notebooks_dir: str | Path | None = Non
 _REMOVE_INPUT = {"injected-parameters"}
 
 
-def fold_code(executed: Path, out: Path) -> int:
-    """Copy an executed notebook, its code folded: every code cell gets the ``hide-input`` tag.
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
-    The reader sees the outputs and opens the code with a click; cells already
-    tagged to be hidden or removed keep their tags. Returns the cells folded.
+
+def fold_code(executed: Path, out: Path) -> int:
+    """Copy an executed notebook for the book: code folded, no live widgets.
+
+    Every code cell gets the ``hide-input`` tag: the reader sees the outputs and
+    opens the code with a click (cells already tagged to be hidden or removed
+    keep their tags). Widget outputs (tqdm.auto progress bars, the explorer) are
+    dropped with the saved widget state: a static page cannot run them, and
+    MyST-NB would load the widget manager from a CDN. Returns the cells folded.
     """
     import nbformat
 
     nb = nbformat.read(executed, as_version=4)
+    nb.metadata.pop("widgets", None)
     folded = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
+        cell.outputs = [o for o in cell.get("outputs", []) if WIDGET_VIEW not in o.get("data", {})]
         tags = list(cell.metadata.get("tags", []))
         if any(t.startswith(("hide-", "remove-")) for t in tags):
             continue
