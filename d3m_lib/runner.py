@@ -653,6 +653,7 @@ def write_headline_figure(run: RunDir, out: Path) -> Path | None:
                          "Accuracy on ERM's worst group: change against ERM")
     else:
         return None
+    change = change[~change["method"].isin(["erm", "base"])]  # base: the anchor model, selects nothing
     if change.empty:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
