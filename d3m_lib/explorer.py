@@ -31,16 +31,27 @@ HOW_TO_INTERACT = ("The explorer is live in JupyterLab: open notebooks/07_error_
 
 
 def live_frontend() -> bool:
-    """True when a widget frontend is connected to this kernel.
+    """True when a notebook frontend with widgets (JupyterLab, Notebook 7) runs this cell.
 
-    JupyterLab's widget manager opens the ``jupyter.widget.control`` comm when it
-    connects to a kernel; papermill and nbclient never do.
+    Such a frontend sends the cell's id with each execute request (the
+    ``cellId`` metadata) and, once ipywidgets is imported, opens the
+    ``jupyter.widget.control`` comm; papermill and nbclient do neither.
     """
     try:
+        from IPython import get_ipython
         from ipywidgets import Widget
     except ImportError:
         return False
-    return getattr(Widget, "_control_comm", None) is not None
+    if getattr(Widget, "_control_comm", None) is not None:
+        return True
+    kernel = getattr(get_ipython(), "kernel", None)
+    if kernel is None:
+        return False
+    try:
+        parent = kernel.get_parent()
+    except Exception:  # noqa: BLE001 - an older ipykernel: no way to tell, so no live panel
+        return False
+    return bool(((parent or {}).get("metadata") or {}).get("cellId"))
 
 
 def threshold_metrics(y, prob, groups, threshold: float) -> pd.DataFrame:
@@ -260,8 +271,8 @@ class Explorer:
                                         f"y={coh.loc[r, self.finding.value]:.0f} s={sc:.2g}")
                                for r, sc in zip(rows, scores)]
         return influence_grid(self.images[int(target_row)], target_cap,
-                              {"most helpful (positive score)": [(self.images[r], c) for r, c in rows_caps["positive"]],
-                               "most harmful (negative score)": [(self.images[r], c) for r, c in rows_caps["negative"]]},
+                              {"most helpful": [(self.images[r], c) for r, c in rows_caps["positive"]],
+                               "most harmful": [(self.images[r], c) for r, c in rows_caps["negative"]]},
                               title=f"{self.finding.value}, seed {self.seed.value}: TRAK scores on row {int(target_row)}")
 
     def show_influential(self) -> None:
