@@ -87,6 +87,7 @@ CROSS_PAGE_INTRO = """# Intro
 We kept {glue:text}`../notebooks/01_glue.ipynb::n_images:,d` images of
 {glue:text}`../notebooks/01_glue.ipynb::finding:s`; worst-group accuracy
 {glue:text}`../notebooks/01_glue.ipynb::wga:.1%` ({glue:text}`../notebooks/01_glue.ipynb::wga_ci:s`).
+The worst-group accuracy is $\min_g \frac{c_g}{n_g}$ (MathJax, bundled with the book).
 
 ```{glue:} per_group
 :doc: ../notebooks/01_glue.ipynb
