@@ -322,6 +322,23 @@ class MethodComparison:
                 recs.append(dict(finding=f, method=method, **eng.recovery_ci(method, ceiling, baseline, metric)))
         return pd.DataFrame(recs)
 
+    def wga_change(self, baseline: str = "erm", split: str = "test", metric: str = "accuracy",
+                   findings: list[str] | None = None, methods: list[str] | None = None) -> pd.DataFrame:
+        """Paired change of worst-group ``metric`` against ``baseline``, per finding and method.
+
+        The engine's :meth:`~d3m_lib.metrics.GroupMetrics.paired_worst_ci`: both models on the
+        same resampled patients, each side its own worst group. Columns: finding, method,
+        change, lo, hi, n_pairs.
+        """
+        recs = []
+        for f in findings or self.findings:
+            eng = self.engine(f, split)
+            for m in methods or [mm for mm in self.methods(f) if mm != baseline]:
+                d = eng.paired_worst_ci(m, baseline, metric)
+                recs.append(dict(finding=f, method=m, change=d["value"], lo=d["lo"], hi=d["hi"],
+                                 n_pairs=d["n_seeds"]))
+        return pd.DataFrame(recs)
+
     def underdiagnosis(self, split: str = "test", finding: str = "No Finding",
                        methods: list[str] | None = None) -> pd.DataFrame:
         """False positive rate of "No Finding" per race and method.
@@ -604,3 +621,21 @@ def wga_wide(wga: pd.DataFrame, method_order=None, fmt: str = ".3f") -> pd.DataF
     wide = format_intervals(wga, ["wga"], fmt).pivot(index="finding", columns="method", values="wga")
     cols = [m for m in method_order if m in wide.columns] + [m for m in wide.columns if m not in method_order]
     return wide[cols].loc[list(dict.fromkeys(wga["finding"]))].reset_index()
+
+
+def headline_from_forest(forest: pd.DataFrame, wga: pd.DataFrame, baseline: str = "erm") -> pd.DataFrame:
+    """Per finding and method: paired change against ``baseline`` on the baseline's worst group.
+
+    ``forest``: :meth:`MethodComparison.forest_data` rows; ``wga``: its
+    :meth:`~MethodComparison.worst_group_table`. A stand-in for
+    :meth:`MethodComparison.wga_change` when only these tables were saved.
+    Columns: finding, method, change, lo, hi, group.
+    """
+    _require_columns(forest, ["finding", "method", "group", "change", "change_lo", "change_hi"], "forest")
+    _require_columns(wga, ["finding", "method", "worst_group"], "worst-group table")
+    worst = wga[wga["method"] == baseline].set_index("finding")["worst_group"].astype(str)
+    f = forest[forest["method"] != baseline].copy()
+    f["finding"] = f["finding"].astype(str)
+    f = f[f["group"].astype(str) == f["finding"].map(worst)]
+    out = f.rename(columns={"change_lo": "lo", "change_hi": "hi"})
+    return out[["finding", "method", "change", "lo", "hi", "group"]].reset_index(drop=True)

@@ -88,3 +88,14 @@ def glue_figure(name: str, fig, *, dpi: int = 120, close: bool = True) -> None:
 
         plt.close(fig)
     glue(name, Image(data=buf.getvalue(), format="png"), display=False)
+
+
+def group_noun(cfg) -> str:
+    """What the protected groups of a run are: ``race`` (MIMIC), ``sex`` or ``age band`` (NIH)."""
+    dataset = cfg["dataset"]  # a Config or a dict of its values
+    if dataset == "mimic":
+        return "race"
+    if dataset == "nih":
+        group = cfg["nih_group"]
+        return {"sex": "sex", "age_band": "age band"}.get(group, str(group).replace("_", " "))
+    raise ValueError(f"group_noun: unknown dataset {dataset!r}")

@@ -213,8 +213,9 @@ PARAMS: tuple[Param, ...] = (
     P("n_targets", 4, "misclassified images of the worst group analysed per finding", (S07,), type="int",
       check=_range(1)),
     P("n_top", 8, "training images shown per target and direction", (S07,), type="int", check=_range(1)),
-    P("interactive", False, "show the ipywidgets explorer (in JupyterLab) instead of its still figure", (S07,),
-      kind="view", type="bool"),
+    P("interactive", None, "the ipywidgets explorer: null = live whenever a widget frontend (JupyterLab) "
+      "runs the kernel, still figure otherwise; true/false force it", (S07,), kind="view", type="bool",
+      nullable=True),
 )
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 assert len(BY_NAME) == len(PARAMS), "a parameter is defined twice"

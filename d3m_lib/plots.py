@@ -86,6 +86,34 @@ def wga_bars(wga: pd.DataFrame, title: str = "Worst-group accuracy"):
     return fig
 
 
+def headline_plot(change: pd.DataFrame, title: str = "", xlabel: str = "change in worst-group accuracy vs ERM"):
+    """One panel row per finding, one marker per method: paired change with its interval, 0 dashed.
+
+    ``change``: columns finding, method, change, lo, hi (e.g.
+    :meth:`d3m_lib.analysis.MethodComparison.wga_change`). Built without pyplot.
+    """
+    from matplotlib.figure import Figure
+
+    findings = list(dict.fromkeys(change["finding"].astype(str)))
+    methods = ordered_methods(change["method"])
+    colors = method_colors(methods)
+    rows = [(f, m) for f in findings for m in methods
+            if ((change["finding"].astype(str) == f) & (change["method"] == m)).any()]
+    fig = Figure(figsize=(7, 0.38 * len(rows) + 1.3), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(rows))[::-1]
+    for yi, (f, m) in zip(y, rows):
+        d = change[(change["finding"].astype(str) == f) & (change["method"] == m)].iloc[[0]]
+        ax.errorbar(d["change"], [yi], xerr=_errors(d, "change", "lo", "hi"), fmt="o", color=colors[m],
+                    capsize=3, ms=5)
+    ax.set_yticks(y, [f"{f}: {m}" if len(findings) > 1 else m for f, m in rows])
+    ax.axvline(0, color="0.4", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
 def per_group_metric_plot(per_group: pd.DataFrame, ylabel: str = "", title: str = ""):
     """Per-group value (e.g. AUROC, FPR) with intervals, methods as colours."""
     forest_like = per_group.rename(columns={"value": "change", "lo": "change_lo", "hi": "change_hi"})
@@ -179,8 +207,12 @@ def threshold_curves(curves: pd.DataFrame, threshold: float | None = None, title
 
 
 def show(fig) -> None:
-    """Display a figure once and close it (so the inline backend does not show it again)."""
+    """Display a figure once and close it (so the inline backend does not show it again).
+
+    A widget (the live explorer) is displayed as it is.
+    """
     from IPython.display import display
 
     display(fig)
-    plt.close(fig)
+    if isinstance(fig, plt.Figure):
+        plt.close(fig)

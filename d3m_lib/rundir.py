@@ -64,7 +64,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
 )}
 assert all(s in cfgmod.__dict__.values() for s in STAGES), "config and rundir disagree on stage names"
 # Modules that orchestrate or present, and change no result: not part of the code version.
-_NOT_RESULTS = {"runner.py", "__main__.py"}
+# presentation only: the runner, the book build and its browser check
+_NOT_RESULTS = {"runner.py", "__main__.py", "sphinx_ext.py", "book_check.py"}
 
 
 class StaleArtifactError(RuntimeError):

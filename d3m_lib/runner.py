@@ -565,16 +565,116 @@ def assemble_book(run_dir: str | Path, *, notebooks_dir: str | Path | None = Non
         shutil.copytree(root / name, src / name)
     (src / "notebooks").mkdir()
     for n in names:
-        shutil.copy2(run.path / "executed" / n, src / "notebooks" / n)
+        fold_code(run.path / "executed" / n, src / "notebooks" / n)
+    substitutions = {"group_noun": book_group_noun(run.config() if study else _maybe_config(run))}
+    _set_substitutions(src / "_config.yml", substitutions)
+    write_headline_figure(run, src / "book" / "_generated" / "headline.png")
     return src
+
+
+# Cells whose input the book never shows at all (papermill's injected parameters repeat run_dir).
+_REMOVE_INPUT = {"injected-parameters"}
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def fold_code(executed: Path, out: Path) -> int:
+    """Copy an executed notebook for the book: code folded, no live widgets.
+
+    Every code cell gets the ``hide-input`` tag: the reader sees the outputs and
+    opens the code with a click (cells already tagged to be hidden or removed
+    keep their tags). Widget outputs (tqdm.auto progress bars, the explorer) are
+    dropped with the saved widget state: a static page cannot run them, and
+    MyST-NB would load the widget manager from a CDN. Returns the cells folded.
+    """
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    nb.metadata.pop("widgets", None)
+    folded = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = [o for o in cell.get("outputs", []) if WIDGET_VIEW not in o.get("data", {})]
+        tags = list(cell.metadata.get("tags", []))
+        if any(t.startswith(("hide-", "remove-")) for t in tags):
+            continue
+        tags.append("remove-input" if _REMOVE_INPUT & set(tags) else "hide-input")
+        cell.metadata["tags"] = tags
+        folded += 1
+    nbformat.write(nb, out)
+    return folded
+
+
+def _maybe_config(run: RunDir):
+    try:
+        return run.config()
+    except ConfigError:
+        return None
+
+
+def book_group_noun(cfg) -> str:
+    """The noun the book's pages use for the run's groups (``group`` without a configuration)."""
+    from .book import group_noun
+
+    return group_noun(cfg) if cfg is not None else "group"
+
+
+def _set_substitutions(config_yml: Path, values: Mapping[str, str]) -> None:
+    """Add MyST substitutions (``{{ group_noun }}`` in a page) to a book's ``_config.yml``."""
+    import yaml
+
+    conf = yaml.safe_load(config_yml.read_text()) or {}
+    subs = conf.setdefault("parse", {}).setdefault("myst_substitutions", {})
+    subs.update(values)
+    exts = conf["parse"].setdefault("myst_enable_extensions", [])
+    if "substitution" not in exts:
+        exts.append("substitution")
+    config_yml.write_text("# assembled by d3m_lib.runner.assemble_book\n" + yaml.safe_dump(conf, sort_keys=False))
+
+
+def write_headline_figure(run: RunDir, out: Path) -> Path | None:
+    """The Results page's headline figure, from notebook 06's saved tables; None when absent.
+
+    Per finding and method, the paired change against ERM with its interval:
+    of worst-group accuracy when 06 saved ``wga_change.csv``
+    (:meth:`~d3m_lib.analysis.MethodComparison.wga_change`), otherwise of
+    accuracy on ERM's worst group (``forest.csv`` and ``worst_group.csv``).
+    """
+    import pandas as pd
+
+    from . import analysis, plots
+
+    d06 = run.stage_dir("06_per_race")
+    if (d06 / "wga_change.csv").is_file():
+        change = pd.read_csv(d06 / "wga_change.csv")
+        xlabel, title = ("change in worst-group accuracy vs ERM (paired)",
+                         "Worst-group accuracy: change against ERM")
+    elif (d06 / "forest.csv").is_file() and (d06 / "worst_group.csv").is_file():
+        change = analysis.headline_from_forest(pd.read_csv(d06 / "forest.csv"),
+                                               pd.read_csv(d06 / "worst_group.csv"))
+        xlabel, title = ("change in accuracy on ERM's worst group vs ERM (paired)",
+                         "Accuracy on ERM's worst group: change against ERM")
+    else:
+        return None
+    change = change[~change["method"].isin(["erm", "base"])]  # base: the anchor model, selects nothing
+    if change.empty:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig = plots.headline_plot(change, title=title, xlabel=xlabel)
+    fig.savefig(out, dpi=120)
+    return out
 
 
 def build_book(run_dir: str | Path, *, out: str | Path | None = None,
                notebooks_dir: str | Path | None = None, book_root: str | Path = REPO_ROOT,
-               study: bool = True) -> Path:
+               study: bool = True, check: bool = True) -> Path:
     """Build the Jupyter Book of a run with warnings as errors; return the path of index.html.
 
     The HTML lands in ``<out>/_build/html`` (``out`` defaults to ``<run_dir>/book``).
+    With ``check``, every page is then opened in headless Chromium
+    (:func:`check_built_book`); a problem fails the build.
     """
     run_path = Path(run_dir).resolve()
     src = assemble_book(run_path, notebooks_dir=notebooks_dir, book_root=book_root, study=study)
@@ -585,7 +685,10 @@ def build_book(run_dir: str | Path, *, out: str | Path | None = None,
            "--warningiserror", "--nitpick", "--keep-going"]
     print(f"building the book: jupyter-book build {src} --path-output {out_path} "
           f"--all --warningiserror --nitpick --keep-going", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)  # the build imports d3m_lib.sphinx_ext: this checkout's
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
+        [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     log = out_path / "build.log"
     out_path.mkdir(parents=True, exist_ok=True)
     log.write_text(proc.stdout + proc.stderr)
@@ -598,7 +701,31 @@ def build_book(run_dir: str | Path, *, out: str | Path | None = None,
     index = out_path / "_build" / "html" / "index.html"
     if not index.exists():
         raise RunnerError(f"jupyter-book reported success but {index} is missing; see {log}")
+    if check:
+        check_built_book(index.parent, toc=src / "_toc.yml", shots=out_path / "screenshots")
     return index
+
+
+def check_built_book(html_dir: Path, *, toc: Path | None = None, shots: Path | None = None) -> None:
+    """Open every page in headless Chromium (:mod:`d3m_lib.book_check`); raise on any problem.
+
+    Without Chromium or Playwright it prints why and returns, unless
+    ``REQUIRE_CHROMIUM=1``, where that is an error too.
+    """
+    from .book_check import BrowserMissing, check_book
+
+    print(f"checking every page in headless Chromium (screenshots in {shots}) ...", flush=True)
+    try:
+        problems = check_book(html_dir, toc=toc, shots=shots)
+    except BrowserMissing as exc:
+        if os.environ.get("REQUIRE_CHROMIUM") == "1":
+            raise RunnerError(f"cannot check the book in a browser: {exc} (REQUIRE_CHROMIUM=1)") from None
+        print(f"warning: the book was not checked in a browser: {exc}", flush=True)
+        return
+    if problems:
+        raise RunnerError(f"the book at {html_dir} has {len(problems)} problems in the browser:\n"
+                          + "\n".join(f"  {p}" for p in problems))
+    print("every page passes the browser check", flush=True)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ warnings as errors, and its pages render in headless Chromium."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -44,35 +45,77 @@ MISSING = [f for f in NOTEBOOKS if not (REPO_ROOT / f"{f}.ipynb").exists()]
 
 
 def require_chromium():
-    if CHROMIUM.exists():
+    from d3m_lib.book_check import browser_problem
+
+    why = browser_problem()
+    if why is None:
         return
     if os.environ.get("REQUIRE_CHROMIUM") == "1":
-        pytest.fail(f"REQUIRE_CHROMIUM=1 but {CHROMIUM} is missing (apt-get install chromium)")
-    pytest.skip(f"{CHROMIUM} is missing; set REQUIRE_CHROMIUM=1 to make this a failure")
+        pytest.fail(f"REQUIRE_CHROMIUM=1 but {why}")
+    pytest.skip(f"{why}; set REQUIRE_CHROMIUM=1 to make this a failure")
 
 
 def test_toc_lists_the_seven_notebooks():
     assert [Path(f).name[:2] for f in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
-def test_check_book_sees_figures_tables_and_broken_images(tmp_path, built_tiny_book):
-    """scripts/check_book.py on a one-notebook book: passes, then catches a missing image."""
+def test_check_book_passes_a_good_book_and_names_each_problem(tmp_path, built_tiny_book):
+    """scripts/check_book.py on the tiny book: passes (cross-page figure and formula included),
+    then names the page and the problem for a missing image, raw TeX, a wide table, an error
+    output, a network request and a page missing from the table of contents."""
     require_chromium()
     html = tmp_path / "html"
     shutil.copytree(built_tiny_book[1], html)
     shots = tmp_path / "shots"
     ok = subprocess.run([sys.executable, str(CHECK_BOOK), str(html), "--screenshots", str(shots)],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "notebooks/01_glue.html: 1 images, 1 tables with rows" in ok.stdout
+    assert "book/intro.html: 1 images, 1 tables, 1 formulas, 0 problems" in ok.stdout
     assert (shots / "notebooks__01_glue.png").stat().st_size > 0
+    intro = html / "book" / "intro.html"
+    page = intro.read_text()
+    body_end = page.index("</article>")
+    wide = "<table><tr>" + "".join(f"<td>column{i:03d}_wide_value</td>" for i in range(60)) + "</tr></table>"
+    page = (page[:body_end] + wide
+            + '<div class="output traceback">ZeroDivisionError</div>'
+            + '<img src="https://example.org/x.png">' + page[body_end:])
+    intro.write_text(page)
     for img in (html / "_images").iterdir():
         img.unlink()
-    bad = subprocess.run([sys.executable, str(CHECK_BOOK), str(html), "--pages",
-                          "notebooks/01_glue.html", "--screenshots", str(shots)],
-                         capture_output=True, text=True)
-    assert bad.returncode == 1
-    assert "PROBLEM notebooks/01_glue.html: missing file" in bad.stdout
+    shutil.rmtree(html / "_static" / "mathjax")  # as if MathJax came from a CDN, offline
+    (html / "orphan.html").write_text("<html><body>not in the toc</body></html>")
+    bad = subprocess.run([sys.executable, str(CHECK_BOOK), str(html), "--screenshots", str(shots)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    out = bad.stdout
+    assert "PROBLEM book/intro.html: image not loaded: ../_images/" in out
+    assert "PROBLEM notebooks/01_glue.html: image not loaded: ../_images/" in out
+    assert "PROBLEM book/intro.html: raw TeX left in the text" in out
+    assert "PROBLEM book/intro.html: table wider than the content column" in out
+    assert "PROBLEM book/intro.html: error output" in out
+    assert "PROBLEM book/intro.html: requests https://example.org/x.png from the network" in out
+    assert "PROBLEM orphan.html: built but missing from the table of contents" in out
+
+
+def test_book_copies_fold_code_and_drop_widgets(tmp_path, built_tiny_book):
+    """assemble_book's notebook copies: code cells folded (hide-input), widget outputs dropped."""
+    from d3m_lib.runner import WIDGET_VIEW, fold_code
+
+    run_dir, html = built_tiny_book
+    src = nbformat.read(run_dir / "book_src" / "notebooks" / "01_glue.ipynb", as_version=4)
+    code = [c for c in src.cells if c.cell_type == "code"]
+    assert code and all({"hide-input", "remove-input"} & set(c.metadata.get("tags", [])) for c in code)
+    page = (html / "notebooks" / "01_glue.html").read_text()
+    assert "tag_hide-input" in page
+    nb = nbformat.read(run_dir / "executed" / "01_glue.ipynb", as_version=4)
+    nb.metadata["widgets"] = {"state": {}}
+    nb.cells[-2].outputs.append(nbformat.v4.new_output(
+        "display_data", data={WIDGET_VIEW: {"model_id": "x"}, "text/plain": "bar"}))
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    fold_code(tmp_path / "in.ipynb", tmp_path / "out.ipynb")
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert "widgets" not in out.metadata
+    assert not any(WIDGET_VIEW in o.get("data", {}) for c in out.cells for o in c.get("outputs", []))
 
 
 @pytest.mark.smoke
@@ -94,20 +137,25 @@ def test_smoke_run_executes_every_notebook_and_builds_the_book(smoke_run):
 
 
 @pytest.mark.smoke
-def test_smoke_book_renders_in_chromium(smoke_run, tmp_path):
+def test_smoke_book_passes_the_browser_check(smoke_run):
+    """The runner's --book checked every page in Chromium: screenshots of each, Results with its figures."""
     require_chromium()
-    run_dir, _ = smoke_run
+    run_dir, stdout = smoke_run
+    assert "every page passes the browser check" in stdout
+    shots = run_dir / "book" / "screenshots"
+    for f in NOTEBOOKS + ["book/results", "book/intro"]:
+        assert (shots / f"{f.replace('/', '__')}.png").exists(), f
+    from d3m_lib.book_check import check_book
+
     html = run_dir / "book" / "_build" / "html"
-    proc = subprocess.run([sys.executable, str(CHECK_BOOK), str(html),
-                           "--screenshots", str(run_dir / "book" / "screenshots")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for f in NOTEBOOKS:
-        assert (run_dir / "book" / "screenshots" / f"{f.replace('/', '__')}.png").exists()
+    assert check_book(html, pages=["book/results.html"], min_images={"book/results.html": 3},
+                      verbose=False) == []
+    results = (html / "book" / "results.html").read_text()
+    assert re.search(r"worst race\s+group", results) and "_generated/headline.png" in results
     # keep the screenshots where CI and a developer can look at them
     keep = REPO_ROOT / "runs" / "smoke-screenshots"
     shutil.rmtree(keep, ignore_errors=True)
-    shutil.copytree(run_dir / "book" / "screenshots", keep)
+    shutil.copytree(shots, keep)
 
 
 def test_glue_helpers_check_types_and_format_intervals():
@@ -124,3 +172,18 @@ def test_glue_helpers_check_types_and_format_intervals():
         glue_text("finding", 3)
     with pytest.raises(TypeError, match="expected a DataFrame"):
         glue_table("t", [[1, 2]])
+
+
+def test_glued_images_are_named_as_cross_page_glue_links_them(tmp_path):
+    """sphinx_ext.glued_images: every glued PNG under the sha256 name MyST-NB's cross-page glue uses."""
+    import base64
+    import hashlib
+
+    from d3m_lib.sphinx_ext import glued_images
+
+    png = b"\x89PNG\r\n\x1a\n" + b"fake image bytes"
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "06_per_race.glue.json").write_text(json.dumps({
+        "forest_fig": {"data": {"image/png": base64.b64encode(png).decode(), "text/plain": "<Figure>"}},
+        "n_seeds": {"data": {"text/plain": "3"}}}))
+    assert glued_images(tmp_path) == {hashlib.sha256(png).hexdigest() + ".png": png}

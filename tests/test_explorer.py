@@ -77,3 +77,52 @@ def test_show_static_returns_figure_and_interactive_returns_widget():
     assert isinstance(w, ipywidgets.VBox)
     with pytest.raises(KeyError, match="no predictions"):
         explorer.show(_preds(), Policy(True), "G", "erm")
+
+
+class _SeedScorer:
+    """Scores that differ by seed: seed 0 favours row 10, seed 1 favours row 13."""
+
+    def __init__(self, seed):
+        self.seed, self.train_rows = seed, np.array([10, 11, 12, 13])
+
+    def scores(self, rows):
+        s = np.array([3.0, 0.0, -1.0, 1.0]) if self.seed == 0 else np.array([0.0, 1.0, -1.0, 3.0])
+        return s[:, None].repeat(len(rows), 1)
+
+
+def _two_seeds():
+    p0 = _preds()
+    p1 = _preds().assign(seed=1, prob=[0.9, 0.6, 0.4, 0.1, 0.3, 0.3])  # seed 1: group B is worst
+    return pd.concat([p0, p1], ignore_index=True)
+
+
+def test_explorer_opens_on_worst_group_and_seed_selects_its_scores():
+    calls = []
+
+    def scorer_for(finding, seed):
+        calls.append((finding, seed))
+        return _SeedScorer(seed)
+
+    ex = explorer.Explorer(_two_seeds(), Policy(True), scorer_for=scorer_for, n_top=1,
+                           images=np.zeros((20, 8, 8), np.uint8),
+                           cohort=pd.DataFrame({"row": np.arange(20), "group": "A", "F": 1.0}))
+    assert ex.seed.value == 0 and ex.group.value == ex.worst_group() == "A"
+    assert ex.influential(2)["positive"][0].tolist() == [10]
+    ex.seed.value = 1
+    assert ex.group.value == "B" and [v for _, v in ex.target.options] == [4]
+    assert ex.influential(4)["positive"][0].tolist() == [13]
+    ex.influential(4)
+    assert calls == [("F", 0), ("F", 1)]  # one scorer per seed, then cached
+    fig = ex.influence_figure(4)
+    assert len(fig.axes) == 2 * 2 and "seed 1" in fig._suptitle.get_text()
+    assert explorer.figure_png(fig).startswith(b"\x89PNG")
+
+
+def test_explorer_draws_without_pyplot_and_is_still_outside_a_frontend():
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    fig = explorer.influence_grid(np.zeros((8, 8), np.uint8), "t", {"most helpful": [(np.ones((8, 8)), "a")]})
+    assert plt.get_fignums() == before and fig.canvas is not None
+    assert explorer.live_frontend() is False  # no kernel here
+    assert not isinstance(explorer.show(_preds(), Policy(True), "F", "erm"), __import__("ipywidgets").Widget)

@@ -7,6 +7,7 @@ the runner's behaviour is tested in seconds; the real notebooks run in test_book
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -192,6 +193,8 @@ def test_book_builds_with_cross_page_glue(built_tiny_book):
     assert "3,000" in page and "Cardiomegaly" in page and "81.2%" in page
     assert "0.81 [0.75, 0.88]" in page
     assert "<table" in page and "Asian" in page and 'src="../_images/' in page
+    for src in re.findall(r'src="\.\./(_images/[^"]+)"', page):
+        assert (html / src).is_file(), f"cross-page figure {src} was not written"
     nb_html = (html / "notebooks" / "01_glue.html").read_text()
     assert "3,000" in nb_html and "<img" in nb_html
 
