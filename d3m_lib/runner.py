@@ -396,8 +396,9 @@ def run(params_file: str | Path | None, *, run_dir: str | Path | None = None,
 
 
 def _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock, replace, progress):
+    # we hold the lock: a record still saying "running" belongs to a run that died
     previous = run_status(target)
-    if previous == "interrupted":
+    if previous in ("interrupted", "running"):
         print(f"note: the previous run in {target.path} was interrupted")
         rec = json.loads(target.run_json.read_text())
         rec["status"] = "interrupted"

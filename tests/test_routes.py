@@ -107,6 +107,7 @@ def test_notebooks_06_and_07_on_a_credentialed_run_show_no_identifiers_or_images
     m["summary"]["data"]["synthetic"] = False          # as if stage 01 had read real MIMIC
     r._write_manifest("01_cohort", m)
     out = tmp_path / "executed"
+    out.mkdir()
     for nb in ("06_per_race.ipynb", "07_error_analysis.ipynb"):
         proc = papermill(nb, out / nb, "-p", "run_dir", str(cred))
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -114,6 +115,7 @@ def test_notebooks_06_and_07_on_a_credentialed_run_show_no_identifiers_or_images
                                   allow_images=False)
     assert found == []
     # the same notebooks on the synthetic run do show identifiers or images (the scan can see them)
+    (tmp_path / "open").mkdir()
     proc = papermill("07_error_analysis.ipynb", tmp_path / "open" / "07.ipynb", "-p", "run_dir", str(run_dir))
     assert proc.returncode == 0
     assert scan_notebook_outputs(tmp_path / "open", run_dir / "01_cohort" / "cohort.parquet",
