@@ -106,3 +106,8 @@ def test_top_finding_falls_back_to_the_first_row():
     r = pd.DataFrame({"finding": ["A", "B"], "eligible": [False, True], "gap_accuracy": [0.3, 0.1]})
     assert stage02.top_finding(r)["finding"] == "B"
     assert stage02.top_finding(r.assign(eligible=False))["finding"] == "A"
+    r = r.assign(gap_accuracy_lo=[0.2, 0.05], gap_accuracy_hi=[0.4, 0.2], worst_group=["X", "Y"])
+    assert stage02.chosen_sentence(["B"], r, "sex") == (
+        "Chosen: **B**. Largest eligible accuracy gap: B 0.100 [0.050, 0.200] (worst sex group: Y).")
+    assert "No finding is eligible; largest accuracy gap: A 0.300" in stage02.chosen_sentence(
+        ["A"], r.assign(eligible=False), "sex")

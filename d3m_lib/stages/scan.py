@@ -46,6 +46,7 @@ class Result:
     noun: str                      # race, sex or age band
     reused_model: bool
     seconds: float
+    sentence: str                  # markdown: the chosen findings and the largest gap with its interval
     glue: dict = field(default_factory=dict)  # numbers and sentences the book quotes
 
 
@@ -62,6 +63,17 @@ def top_finding(ranking: pd.DataFrame) -> pd.Series:
     """The eligible finding with the largest accuracy gap (the first row when none is eligible)."""
     eligible = ranking[ranking["eligible"].astype(bool)]
     return eligible.iloc[0] if len(eligible) else ranking.iloc[0]
+
+
+def chosen_sentence(chosen, ranking: pd.DataFrame, noun: str) -> str:
+    """Markdown: the chosen findings, then the largest gap (eligible if any finding is) with its interval."""
+    from ..book import format_interval
+
+    t = top_finding(ranking)
+    which = ("Largest eligible accuracy gap" if ranking["eligible"].astype(bool).any()
+             else "No finding is eligible; largest accuracy gap")
+    gap = format_interval(t["gap_accuracy"], t["gap_accuracy_lo"], t["gap_accuracy_hi"])
+    return f"Chosen: **{', '.join(chosen)}**. {which}: {t['finding']} {gap} (worst {noun} group: {t['worst_group']})."
 
 
 def run(stage, progress: bool = False) -> Result:
@@ -106,4 +118,5 @@ def run(stage, progress: bool = False) -> Result:
     return Result(history=history, scan=scan_df, thresholds=thresholds, counts=counts, ranking=ranking,
                   ranking_table=ranking[RANKING_COLUMNS], accuracy=scanmod.metric_matrix(scan_df, "accuracy"),
                   chosen=chosen, top=top, available=available, unavailable=unavailable, noun=group_noun(cfg),
-                  reused_model=reused, seconds=seconds, glue=glue)
+                  reused_model=reused, seconds=seconds,
+                  sentence=chosen_sentence(chosen, ranking, group_noun(cfg)), glue=glue)
