@@ -99,3 +99,12 @@ def group_noun(cfg) -> str:
         group = cfg["nih_group"]
         return {"sex": "sex", "age_band": "age band"}.get(group, str(group).replace("_", " "))
     raise ValueError(f"group_noun: unknown dataset {dataset!r}")
+
+
+def glue_values(values: dict) -> None:
+    """Glue each ``name: value`` of a stage result: strings with :func:`glue_text`, numbers with :func:`glue_number`."""
+    for name, value in values.items():
+        if isinstance(value, str):
+            glue_text(name, value)
+        else:
+            glue_number(name, value)

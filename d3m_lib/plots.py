@@ -216,3 +216,29 @@ def show(fig) -> None:
     display(fig)
     if isinstance(fig, plt.Figure):
         plt.close(fig)
+
+
+def metric_heatmap(matrix: pd.DataFrame, label: str, title: str = "", fmt: str = ".2f"):
+    """A row x column table of one quantity (e.g. finding x group) as an annotated heatmap."""
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(1.1 * matrix.shape[1] + 3, 0.4 * matrix.shape[0] + 1.5))
+    sns.heatmap(matrix.astype(float), annot=True, fmt=fmt, cmap="viridis", cbar_kws={"label": label}, ax=ax)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(history: pd.DataFrame, title: str = ""):
+    """Training and validation loss per epoch from a training ``history`` table."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(history["epoch"], history["train_loss"], marker="o", label="train loss")
+    if "val_loss" in history:
+        ax.plot(history["epoch"], history["val_loss"], marker="o", label="validate loss")
+    ax.set_xlabel("epoch")
+    ax.legend(frameon=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -6,9 +6,11 @@ One *shared* multi-label model is trained over all available findings
 capacity, so the gaps are comparable across findings. The scan only ranks
 findings; the study's models (notebook 03) are then trained per finding.
 
-Steps: :func:`train_scan_model` (train split) -> :func:`scan_metrics`
-(threshold per finding on validate, per-group metrics on validate) ->
-:func:`rank_findings` (gaps, eligibility) -> :func:`choose_findings`.
+Steps: :func:`train_scan_model` (train split) -> :func:`scan_predictions`
+(threshold per finding on validate) -> :func:`metrics_from_predictions`
+(per-group metrics on validate, the one engine :class:`~d3m_lib.metrics.GroupMetrics`)
+and :func:`gap_intervals` -> :func:`rank_findings` (gaps, eligibility) ->
+:func:`choose_findings`. :mod:`d3m_lib.stages.scan` runs them for notebook 02.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .constants import FINDINGS
-from .metrics import ALL, best_group, choose_threshold, gap, group_metrics, worst_group
+from .metrics import ALL, GroupMetrics, best_group, choose_threshold, gap, group_metrics, worst_group
 from .training import TrainConfig, predict, train
 
 
@@ -67,34 +69,94 @@ def train_scan_model(cfg: TrainConfig, images: np.ndarray, cohort: pd.DataFrame,
                  out_dir, val=val, num_outputs=len(findings), progress=progress)
 
 
-def scan_metrics(cfg: TrainConfig, images: np.ndarray, cohort: pd.DataFrame, findings, checkpoint,
-                 threshold_rule: str = "youden", n_boot: int = 200, ci_level: float = 0.95,
-                 seed: int = 0, min_n: int = 1) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Per-finding, per-group metrics of the scan model on the validate split.
+def scan_predictions(cfg: TrainConfig, images: np.ndarray, cohort: pd.DataFrame, findings, checkpoint,
+                     threshold_rule: str = "youden") -> tuple[pd.DataFrame, dict[str, float]]:
+    """The scan model's validate predictions, one row per finding and labelled image.
 
     For each finding the threshold is chosen on its validate images by
-    ``threshold_rule`` (all groups together), then accuracy, AUROC, FPR, FNR
-    are computed per group with patient-level bootstrap intervals (the cohort's
-    ``subject_id``; images if it is absent). Returns the long table
-    (finding, group, metric, value, lo, hi, n, n_pos, note) and the thresholds.
+    ``threshold_rule`` (all groups together; 0.5 when one class is absent).
+    Returns the long table (finding, row, subject_id when the cohort has it,
+    group, y, prob, pred) and ``{finding: threshold}``.
     """
     findings = list(findings)
     va = cohort[cohort["split"] == "validate"]
     logits = predict(checkpoint, cfg, images, va["row"].to_numpy(), num_outputs=len(findings))
     logits = logits.reshape(len(va), len(findings))
-    tables, thresholds = [], {}
+    keep = [c for c in ("row", "subject_id", "group") if c in va.columns]
+    frames, thresholds = [], {}
     for k, f in enumerate(findings):
         m = va[f].notna().to_numpy()
         y = va.loc[m, f].to_numpy().astype(int)
         prob = 1 / (1 + np.exp(-logits[m, k].astype(float)))
         t = choose_threshold(y, prob, threshold_rule) if len(np.unique(y)) == 2 else 0.5
         thresholds[f] = float(t)
-        clusters = va.loc[m, "subject_id"].to_numpy() if "subject_id" in va.columns else None
-        df = group_metrics(y, prob, (prob >= t).astype(int), va.loc[m, "group"].astype(str).to_numpy(),
-                           n_boot=n_boot, ci_level=ci_level, seed=seed + k, min_n=min_n, clusters=clusters)
+        d = va.loc[m, keep].copy()
+        d["group"] = d["group"].astype(str)
+        d.insert(0, "finding", f)
+        d["y"], d["prob"], d["pred"] = y, prob, (prob >= t).astype(int)
+        frames.append(d)
+    return pd.concat(frames, ignore_index=True), thresholds
+
+
+def _clusters(d: pd.DataFrame):
+    return d["subject_id"].to_numpy() if "subject_id" in d.columns else None
+
+
+def metrics_from_predictions(preds: pd.DataFrame, findings, n_boot: int = 200, ci_level: float = 0.95,
+                             seed: int = 0, min_n: int = 1) -> pd.DataFrame:
+    """Per-finding, per-group metrics (accuracy, AUROC, FPR, FNR) of :func:`scan_predictions`.
+
+    Patient-level bootstrap intervals (``subject_id``; images if absent); the
+    bootstrap of the k-th finding is seeded ``seed + k``. Long table: finding,
+    group, metric, value, lo, hi, n, n_pos, note.
+    """
+    tables = []
+    for k, f in enumerate(findings):
+        d = preds[preds["finding"] == f]
+        df = group_metrics(d["y"].to_numpy(), d["prob"].to_numpy(), d["pred"].to_numpy(), d["group"].to_numpy(),
+                           n_boot=n_boot, ci_level=ci_level, seed=seed + k, min_n=min_n, clusters=_clusters(d))
         df.insert(0, "finding", f)
         tables.append(df)
-    return pd.concat(tables, ignore_index=True), thresholds
+    return pd.concat(tables, ignore_index=True)
+
+
+def gap_intervals(preds: pd.DataFrame, findings, n_boot: int = 200, ci_level: float = 0.95, seed: int = 0,
+                  min_group_n: int = 1, metrics=("accuracy", "auroc")) -> pd.DataFrame:
+    """The between-group gap (best minus worst group) of each finding with its interval.
+
+    :meth:`GroupMetrics.difference_ci` on the same patient resamples as
+    :func:`metrics_from_predictions` (seed ``seed + k``), over groups with at
+    least ``min_group_n`` validate images: the point equals ``rank_findings``'s
+    gap. Columns: finding, then ``gap_<metric>_lo`` / ``gap_<metric>_hi``
+    (NaN where fewer than two groups qualify).
+    """
+    recs = []
+    for k, f in enumerate(findings):
+        d = preds[preds["finding"] == f]
+        gm = GroupMetrics(d["y"].to_numpy(), d["prob"].to_numpy(), d["pred"].to_numpy(), d["group"].to_numpy(),
+                          cluster=_clusters(d), n_boot=n_boot, ci_level=ci_level, random_state=seed + k,
+                          min_group_n=min_group_n)
+        rec = {"finding": f}
+        for metric in metrics:
+            try:
+                r = gm.difference_ci(metric).iloc[0]
+                rec[f"gap_{metric}_lo"], rec[f"gap_{metric}_hi"] = float(r["lo"]), float(r["hi"])
+            except ValueError:  # no group reaches min_group_n with a defined metric
+                rec[f"gap_{metric}_lo"] = rec[f"gap_{metric}_hi"] = np.nan
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
+def scan_metrics(cfg: TrainConfig, images: np.ndarray, cohort: pd.DataFrame, findings, checkpoint,
+                 threshold_rule: str = "youden", n_boot: int = 200, ci_level: float = 0.95,
+                 seed: int = 0, min_n: int = 1) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Per-finding, per-group metrics of the scan model on the validate split.
+
+    :func:`scan_predictions` then :func:`metrics_from_predictions`. Returns the
+    long table (finding, group, metric, value, lo, hi, n, n_pos, note) and the thresholds.
+    """
+    preds, thresholds = scan_predictions(cfg, images, cohort, findings, checkpoint, threshold_rule)
+    return metrics_from_predictions(preds, list(findings), n_boot, ci_level, seed, min_n), thresholds
 
 
 def rank_findings(scan: pd.DataFrame, counts: pd.DataFrame, min_group_n: int = 20,
