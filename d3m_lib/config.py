@@ -175,7 +175,7 @@ PARAMS: tuple[Param, ...] = (
     P("min_group_pos", 5, "positives a group needs in each split for a finding to be eligible", (S02,),
       type="int", check=_range(0)),
     # -- TRAK --------------------------------------------------------------------------------
-    P("trak_checkpoints", [3, 4, 5], "anchor epochs (<= epochs_anchor) whose checkpoints TRAK averages over: "
+    P("trak_checkpoints", [3, 4, 5], "anchor epochs (up to epochs_anchor) whose checkpoints TRAK averages over; "
       "TRAK attributes the model D3M edits, never continued-ERM epochs", (S04,),
       type="int_list", check=_unique_nonempty),
     P("trak_proj_dim", 256, "JL projection dimension (below the number of training images)", (S04,),
