@@ -35,7 +35,7 @@ def build_tiny_run(root: Path, **overrides) -> RunDir:
                                      st.dir / "image_cache", cfg.image_size, workers=1, progress=False)
     res = cohort_mod.finalize(res, report, min_group_n=cfg.cohort_min_group_n)
     res.table.to_parquet(st.path("cohort.parquet"), index=False)
-    st.finish({"data": {"dataset": "mimic", "synthetic": True}, "synthetic": True, "synthetic_dir": str(data)})
+    st.finish({"data": {"dataset": "mimic", "synthetic": True}, "synthetic_dir": str(data)})  # as notebook 01
     st = run.begin("02_scan", cfg)
     st.path("chosen_findings.json").write_text(json.dumps([FINDING]))
     st.finish()

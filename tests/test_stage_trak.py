@@ -63,6 +63,9 @@ def test_harm_table_scores_each_group_the_mean_and_the_highest_loss_group():
     assert t.loc[("tau(A)", "all"), "value"] == 1.0 and t.loc[("tau(B)", "all"), "value"] == 0.0
     assert t.loc[(trak.HIGHEST_LOSS, "all"), "value"] == 1.0      # A has the higher loss
     assert ("tau(A)", "shortcut") not in t.index                   # no planted shortcut: left out
+    only_b = trak.harm_table({0: tau}, {0: pd.Series({"B": 0.1})}, flags, None, n_boot=0, ci_level=0.95,
+                             random_state=0).set_index(["score", "kind"])   # A too small to be a candidate
+    assert only_b.loc[(trak.HIGHEST_LOSS, "all"), "value"] == 0.0
 
 
 def test_trak_stage_writes_tau_and_checks_attribution(tiny_trak):
@@ -95,6 +98,6 @@ def test_lds_on_the_tiny_run(tiny_trak):
 
 def test_real_data_has_no_harm_table(tiny_trak, monkeypatch):
     run, _, _ = tiny_trak
-    monkeypatch.setattr(trak.synthetic, "planted_ground_truth", lambda run: None)
+    monkeypatch.setattr(trak, "ground_truth", lambda run: None)
     res = trak.run(open_stage("04_trak", run.path))
     assert res.harm_auroc is None and "no planted ground truth" in res.harm_note

@@ -13,7 +13,8 @@ Attribution quality, replacing the self-influence check (issue 11 item 8):
 * **planted harm** (synthetic cohorts only): AUROC of ``-score`` against the planted
   harmful training images of the finding (``planted_ground_truth.csv.gz``), for each
   group's ``tau(g)``, their equal-weight mean, and ``tau`` of the group with the highest
-  anchor validation loss (the group D3M weights most), per planted kind, with a
+  anchor validation loss among groups with at least ``min_group_n`` validation images (the
+  group D3M weights most), per planted kind, with a
   patient-level bootstrap interval pooled over seeds
   (:func:`d3m_lib.attribution.harm_ranking_auroc`). Real data have no ground truth:
   the table is None and ``harm_note`` says so.
@@ -76,14 +77,16 @@ def harm_table(taus: dict, losses: dict, flags: pd.DataFrame, clusters, *, n_boo
     """AUROC of each score against each planted kind, pooled over seeds.
 
     ``taus``: seed -> tau (train row x group, rows in ``flags`` order); ``losses``:
-    seed -> anchor validation loss per group (for the highest-loss group).
+    seed -> anchor validation loss per group (the highest picks the "highest-loss group";
+    groups missing from it are not candidates: the stage passes those with at least
+    ``min_group_n`` validation images).
     Kinds with no planted image (or all planted) among these rows are left out.
     """
     seeds = sorted(taus)
     groups = list(taus[seeds[0]].columns)
     scores = {f"tau({g})": [taus[s][g].to_numpy() for s in seeds] for g in groups}
     scores[EQUAL] = [taus[s].mean(axis=1).to_numpy() for s in seeds]
-    scores[HIGHEST_LOSS] = [taus[s][losses[s].loc[groups].idxmax()].to_numpy() for s in seeds]
+    scores[HIGHEST_LOSS] = [taus[s][losses[s].reindex(groups).idxmax()].to_numpy() for s in seeds]
     recs = []
     for kind in ["all", *[c for c in flags.columns if c not in ("row", "all")]]:
         planted = flags[kind].to_numpy()
@@ -96,9 +99,26 @@ def harm_table(taus: dict, losses: dict, flags: pd.DataFrame, clusters, *, n_boo
     return pd.DataFrame(recs)
 
 
-def _anchor_losses(run, finding: str, seed: int, epoch: int) -> pd.Series:
+def ground_truth(run) -> pd.DataFrame | None:
+    """The run's planted ground truth (None on real data).
+
+    Notebook 01 records a synthetic cohort as ``summary.data.synthetic`` (and
+    ``summary.synthetic_dir``), while :func:`d3m_lib.synthetic.planted_ground_truth` looks
+    for ``summary.synthetic``; this reads either.
+    """
+    summary = (run.manifest("01_cohort") or {}).get("summary") or {}
+    if summary.get("synthetic") is None and (summary.get("data") or {}).get("synthetic"):
+        return synthetic.planted_ground_truth(run, run.path / summary["synthetic_dir"]
+                                              / synthetic.GROUND_TRUTH_FILE)
+    return synthetic.planted_ground_truth(run)
+
+
+def _anchor_losses(run, finding: str, seed: int, epoch: int, min_group_n: int = 1) -> pd.Series:
+    """The anchor's validation loss per group with at least ``min_group_n`` images (all if none has)."""
     pv = pd.read_parquet(run.model_dir("03_baseline", finding, seed) / f"preds_validate_epoch{epoch:02d}.parquet")
-    return d3m.group_losses(pv["y"].to_numpy(), pv["logit"].to_numpy(), pv["group"].to_numpy())
+    gl = d3m.group_losses(pv["y"].to_numpy(), pv["logit"].to_numpy(), pv["group"].to_numpy())
+    n = pv.groupby("group").size().reindex(gl.index)
+    return gl[n >= min_group_n] if (n >= min_group_n).any() else gl
 
 
 def examples_table(scorer, cohort: pd.DataFrame, finding: str, seed: int, n_targets: int = 3, k: int = 5,
@@ -182,7 +202,7 @@ def run(stage: Stage, progress: bool = False) -> Result:
     images = run_.images(cohort["row"])
     findings = run_.findings()
     dev = str(training.resolve_device(cfg.device))
-    gt = synthetic.planted_ground_truth(run_)
+    gt = ground_truth(run_)
     ea = int(cfg.epochs_anchor)
 
     records, scorers, taus, losses = [], {}, {}, {}
@@ -206,7 +226,7 @@ def run(stage: Stage, progress: bool = False) -> Result:
         tau = sc.group_scores(val_rows, val_groups, exp_name="validate")
         tau.to_parquet(sc.save_dir / "tau.parquet")
         scorers[(finding, seed)], taus[(finding, seed)] = sc, tau
-        losses[(finding, seed)] = _anchor_losses(run_, finding, seed, ea)
+        losses[(finding, seed)] = _anchor_losses(run_, finding, seed, ea, cfg.min_group_n)
         records.append(dict(finding=finding, seed=seed, n_train=len(sc.train_rows), n_validate=len(val_rows),
                             groups=tau.shape[1], featurize_s=round(t_feat, 1),
                             total_s=round(time.time() - t0, 1)))
