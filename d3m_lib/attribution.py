@@ -657,6 +657,48 @@ def load_scorer(save_dir: str | Path, device: str = "cpu",
     return sc
 
 
+# -- attribution quality: planted harm --------------------------------------
+def harm_ranking_auroc(scores_by_seed: Sequence[np.ndarray], planted, clusters=None, *, n_boot: int = 1000,
+                       ci_level: float = 0.95, random_state=0) -> dict:
+    """How well low scores pick out planted harmful training images: AUROC with its interval.
+
+    ``scores_by_seed``: one score per training image and seed (the same training
+    images in every seed; for example ``tau(g)_i`` of a group, or an alignment
+    score). A harmful image should score low, so the AUROC is that of ``-score``
+    against ``planted`` (True for a planted image): 1 = every planted image
+    below every other, 0.5 = no better than chance, below 0.5 = planted images
+    score *high*. Ties count one half (:func:`metrics.metric_values`).
+
+    Interval as in :mod:`d3m_lib.metrics`: a patient-level bootstrap of the
+    training images (``clusters``: their patient ids; None: each image its own),
+    the same resamples for every seed; point = mean over seeds, interval =
+    percentile interval of the pooled seeds x ``n_boot`` replicates.
+    Returns ``value, lo, hi, seed_values, n, n_planted``.
+    """
+    from .metrics import _interval, cluster_bootstrap_weights, metric_values
+
+    planted = np.asarray(planted, dtype=bool)
+    n = len(planted)
+    if not 0 < planted.sum() < n:
+        raise ValueError(f"planted marks {int(planted.sum())} of {n} images; an AUROC needs both kinds")
+    if not scores_by_seed:
+        raise ValueError("no scores given")
+    clusters = np.arange(n) if clusters is None else np.asarray(clusters)
+    w = np.ones((1, n))
+    if n_boot:
+        w = np.vstack([w, cluster_bootstrap_weights(np.zeros(n), clusters, n_boot, random_state)])
+    reps = []
+    for s in scores_by_seed:
+        s = np.asarray(s, dtype=np.float64).reshape(-1)
+        if len(s) != n:
+            raise ValueError(f"{len(s)} scores but {n} planted flags")
+        reps.append(metric_values("auroc", planted, None, -s, w))
+    reps = np.array(reps)
+    lo, hi = _interval(reps[:, 1:], ci_level) if n_boot else (np.nan, np.nan)
+    return dict(value=float(reps[:, 0].mean()), lo=lo, hi=hi, seed_values=reps[:, 0].tolist(),
+                n=int(n), n_planted=int(planted.sum()))
+
+
 # -- linear datamodeling score ----------------------------------------------
 def lds(scores: np.ndarray, train_subset_margins: Callable[[np.ndarray], np.ndarray],
         n_models: int, subset_fraction: float = 0.5, seed: int = 0, n_boot: int = 1000,

@@ -152,6 +152,9 @@ PARAMS: tuple[Param, ...] = (
       type="int_list", check=_unique_nonempty),
     P("epochs_anchor", 5, "epochs of the first training call (the base model D3M starts from)",
       (S03, S04, S05), type="int", check=_range(1)),
+    P("anchor_anneal", True, "the anchor call warms up and decays its learning rate to 0 within epochs "
+      "1..epochs_anchor (a converged anchor); false: one curve over all epochs, the anchor mid-descent",
+      (S03,), type="bool"),
     P("epochs_more", 10, "epochs of the second call (continued ERM, D3M and the controls)",
       (S03, S04, S05), type="int", check=_range(0)),
     P("threshold_rule", "youden", "decision threshold rule, chosen on validate", (S02, S03, S05),
@@ -172,7 +175,8 @@ PARAMS: tuple[Param, ...] = (
     P("min_group_pos", 5, "positives a group needs in each split for a finding to be eligible", (S02,),
       type="int", check=_range(0)),
     # -- TRAK --------------------------------------------------------------------------------
-    P("trak_checkpoints", [5, 10, 15], "baseline epochs whose checkpoints TRAK averages over", (S04,),
+    P("trak_checkpoints", [3, 4, 5], "anchor epochs (up to epochs_anchor) whose checkpoints TRAK averages over; "
+      "TRAK attributes the model D3M edits, never continued-ERM epochs", (S04,),
       type="int_list", check=_unique_nonempty),
     P("trak_proj_dim", 256, "JL projection dimension (below the number of training images)", (S04,),
       type="int", check=_range(1)),
@@ -185,15 +189,13 @@ PARAMS: tuple[Param, ...] = (
       kind="view", nullable=True),
     P("trak_batch_size", 128, "images per per-example-gradient batch", (S04,), type="int", check=_range(1)),
     P("trak_seed", 0, "projection seed and choice of example images", (S04,), type="int"),
-    P("trak_sanity_targets", 20, "training images scored against themselves", (S04,), type="int",
-      check=_range(0)),
-    P("trak_lds", False, "compute the linear datamodeling score (trains subset models)", (S04,),
-      type="bool"),
-    P("trak_lds_models", 10, "subset models for LDS", (S04,), type="int", check=_range(2)),
+    P("trak_lds", False, "compute the linear datamodeling score of the first finding and seed (trains "
+      "trak_lds_models anchor models on random subsets; params/lds.yaml)", (S04,), type="bool"),
+    P("trak_lds_models", 20, "subset models for LDS (at least 20)", (S04,), type="int", check=_range(20)),
     P("trak_lds_subset_fraction", 0.5, "share of training images each subset model sees", (S04,),
       type="float", check=_range(0, 1, True, True)),
-    P("trak_lds_targets", 100, "validation images whose margins LDS predicts", (S04,), type="int",
-      check=_range(2)),
+    P("trak_lds_targets", 100, "validation images whose margins LDS predicts (at least 100)", (S04,),
+      type="int", check=_range(100)),
     # -- D3M -------------------------------------------------------------------------------------
     P("d3m_weighting", "softmax", "softmax (source study) or linear (public D3M code)", (S05,),
       choices=("softmax", "linear")),
@@ -277,11 +279,17 @@ def check_names(names: Iterable[str], where: str = "") -> None:
 def _check_combination(c: Mapping[str, Any], base: Path | None) -> list[str]:
     """Problems between parameters, and with the files and devices they name."""
     errs = []
-    total = c["epochs_anchor"] + c["epochs_more"]
+    ea, total = c["epochs_anchor"], c["epochs_anchor"] + c["epochs_more"]
     bad = [e for e in c["trak_checkpoints"] if not 1 <= e <= total]
     if bad:
         errs.append(f"parameter 'trak_checkpoints' = {c['trak_checkpoints']!r}: epochs {bad} do not exist "
                     f"(the baseline trains epochs 1..{total} = epochs_anchor + epochs_more)")
+    later = [e for e in c["trak_checkpoints"] if ea < e <= total]
+    if later:
+        errs.append(f"parameter 'trak_checkpoints' = {c['trak_checkpoints']!r}: epochs {later} come from "
+                    f"continued ERM, not from the anchor (epochs 1..{ea} = epochs_anchor). TRAK must attribute "
+                    f"the model D3M edits, the anchor; use anchor epochs, e.g. "
+                    f"{list(range(max(1, ea - 2), ea + 1))}")
     if c["d3m_selection"] == "k_lowest" and c["d3m_k"] is None:
         errs.append("parameter 'd3m_k' must be set when d3m_selection is 'k_lowest'")
     if "random" in c["methods"] and "d3m" not in c["methods"]:

@@ -242,3 +242,78 @@ def loss_curves(history: pd.DataFrame, title: str = ""):
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def learning_curves(history: pd.DataFrame, anchor_epoch: int):
+    """Train (solid) and validation (dotted) loss per seed, one panel per finding, learning rate
+    below; a dashed line at the anchor epoch. ``history``: stage 03's ``history`` table."""
+    findings = list(dict.fromkeys(history["finding"]))
+    fig, axes = plt.subplots(2, len(findings), figsize=(5 * len(findings), 4.4), squeeze=False, sharex="col",
+                             gridspec_kw={"height_ratios": [3, 1]})
+    for j, f in enumerate(findings):
+        top, bottom = axes[0][j], axes[1][j]
+        for i, (s, h) in enumerate(history[history["finding"] == f].groupby("seed", sort=True)):
+            c = _COLORS[i % len(_COLORS)]
+            top.plot(h["epoch"], h["train_loss"], color=c, label=f"train, seed {s}")
+            if "val_loss" in h:
+                top.plot(h["epoch"], h["val_loss"], color=c, ls=":", label=f"validate, seed {s}")
+            bottom.plot(h["epoch"], h["lr"], color=c, marker=".")
+        for ax in (top, bottom):
+            ax.axvline(anchor_epoch, color="grey", ls="--", lw=0.8)
+        top.set_title(f)
+        top.set_ylabel("loss")
+        bottom.set_ylabel("lr (epoch end)")
+        bottom.set_xlabel("epoch")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def anchor_group_losses(losses: pd.DataFrame, title: str = "Anchor validation loss per group, by seed"):
+    """Each seed's validation loss per group at the anchor (dots) and their mean (bar): the spread
+    of D3M's group weights. ``losses``: finding, seed, group, loss."""
+    findings = list(dict.fromkeys(losses["finding"]))
+    fig, axes = plt.subplots(1, len(findings), figsize=(5 * len(findings), 3.2), squeeze=False)
+    for ax, f in zip(axes[0], findings):
+        d = losses[losses["finding"] == f]
+        groups = sorted(d["group"].unique())
+        x = {g: i for i, g in enumerate(groups)}
+        ax.bar(range(len(groups)), [d.loc[d["group"] == g, "loss"].mean() for g in groups], color="0.85")
+        for i, (s, ds) in enumerate(d.groupby("seed", sort=True)):
+            ax.plot([x[g] for g in ds["group"]], ds["loss"], ls="", marker="o", ms=4,
+                    color=_COLORS[i % len(_COLORS)], label=f"seed {s}")
+        ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("validation loss (BCE)")
+        ax.set_title(f)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def tau_boxes(tau: pd.DataFrame, title: str = ""):
+    """Distribution of ``tau(g)_i`` over training images, one box per validation group."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.boxplot([tau[g].to_numpy() for g in tau.columns], showfliers=False)
+    ax.set_xticks(range(1, tau.shape[1] + 1), tau.columns, rotation=30, ha="right", fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel("tau(g)_i")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def attribution_examples(examples: pd.DataFrame, images, policy, title: str = ""):
+    """Each target image, then its most helpful (+) and most harmful (-) training images in score
+    order; ``examples``: stage 04's ``examples`` table; hidden like :func:`image_grid`."""
+    ims, caps = [], []
+    per_target = examples.groupby("target", sort=False)
+    for t, d in per_target:
+        first = d.iloc[0]
+        ims.append(images[int(t)])
+        caps.append(f"target y={first['target_y']} {str(first['target_group'])[:10]}")
+        for _, r in d.sort_values(["direction", "rank"], ascending=[True, True]).iterrows():
+            ims.append(images[int(r["row"])])
+            caps.append(f"{r['direction']} y={r['y']} {str(r['group'])[:10]}")
+    ncols = 1 + int(per_target.size().max()) if len(examples) else 1
+    return image_grid(ims, caps, policy, ncols=ncols, title=title)

@@ -61,9 +61,14 @@ class TrainConfig:
 
     lr_schedule:
       ``triangle`` -- linear warm-up from 0 to ``lr`` over ``warmup_epochs``,
-      then linear decay to 0 at epoch ``epochs_anchor + epochs_more`` (the
-      DAWNBench/TRAK ResNet-9 recipe); ``cosine`` -- same warm-up, cosine decay;
-      ``constant`` -- ``lr`` throughout.
+      then linear decay to 0 (the DAWNBench/TRAK ResNet-9 recipe); ``cosine`` --
+      same warm-up, cosine decay; ``constant`` -- ``lr`` throughout.
+    anchor_anneal: True (default): the anchor call (epochs 1..``epochs_anchor``)
+      has its own warm-up and decay, reaching 0 at epoch ``epochs_anchor``, so
+      the anchor checkpoint is a converged model, not a point halfway down the
+      full-horizon curve. False: the anchor follows the single curve over
+      ``epochs_anchor + epochs_more`` epochs (the earlier behaviour, where the
+      anchor still has about 70% of the peak rate). See :func:`lr_at`.
     augment: random horizontal shift by up to 2 px and brightness jitter
       (off by default; chest X-rays are not left/right symmetric, so no flips).
     """
@@ -79,6 +84,7 @@ class TrainConfig:
     lr_schedule: str = "triangle"
     warmup_epochs: float = 1.0
     epochs_anchor: int = 5
+    anchor_anneal: bool = True
     epochs_more: int = 10
     device: str = "auto"
     seed: int = 0
@@ -114,15 +120,45 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def lr_at(cfg: TrainConfig, epoch_progress: float) -> float:
-    """Learning rate at fractional epoch ``epoch_progress`` in [0, total_epochs]."""
-    total, warm = cfg.total_epochs, min(cfg.warmup_epochs, cfg.total_epochs)
+    """Learning rate at fractional epoch ``epoch_progress`` in [0, total_epochs].
+
+    ``p = epoch_progress``, ``A = epochs_anchor``, ``T = epochs_anchor +
+    epochs_more``, ``w = warmup_epochs``, ``lr`` the peak rate.
+
+    **Anchor, 0 <= p <= A, with ``anchor_anneal`` (default).** The first call has
+    its own schedule over the anchor epochs: with ``w_A = min(w, A)``, linear
+    warm-up ``lr * p / w_A`` for ``p < w_A``, then with ``f = (p - w_A) / (A - w_A)``
+    ``lr * (1 - f)`` (``triangle``) or ``lr * (1 + cos(pi f)) / 2`` (``cosine``).
+    It is continuous, equals ``lr`` at ``p = w_A`` and **0 at p = A**: the anchor
+    checkpoint ``epoch_<A>.pt`` ends an annealed run, so the per-group
+    validation losses that weight D3M, and the checkpoints TRAK featurizes, are
+    not taken mid-descent. The last batch of epoch ``A`` (``p = A - 1/n_batches``)
+    runs at ``lr / (n_batches * (A - w_A))`` (triangle).
+
+    **Everything else** (``anchor_anneal`` false, or ``p > A``): one curve over
+    the full horizon ``T``: warm-up ``lr * p / min(w, T)``, then triangle or
+    cosine decay to 0 at ``p = T``. For ``p > A`` after an annealed anchor this
+    is a warm restart (the continuation starts at the full-horizon curve's
+    value at ``A``); the continuation's schedule belongs to
+    :func:`continue_training`. With ``epochs_more = 0`` both parts coincide.
+
+    ``constant``: ``lr`` for every ``p``.
+    """
     if cfg.lr_schedule not in SCHEDULES:
         raise ValueError(f"parameter `lr_schedule` must be one of {SCHEDULES}, got {cfg.lr_schedule!r}")
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    if warm > 0 and epoch_progress < warm:
-        return cfg.lr * epoch_progress / warm
-    frac = (epoch_progress - warm) / max(total - warm, 1e-12)
+    if cfg.anchor_anneal and epoch_progress <= cfg.epochs_anchor:
+        return _decay(cfg, epoch_progress, float(cfg.epochs_anchor))
+    return _decay(cfg, epoch_progress, float(cfg.total_epochs))
+
+
+def _decay(cfg: TrainConfig, p: float, horizon: float) -> float:
+    """Warm-up over ``min(warmup_epochs, horizon)`` then triangle/cosine decay to 0 at ``horizon``."""
+    warm = min(cfg.warmup_epochs, horizon)
+    if warm > 0 and p < warm:
+        return cfg.lr * p / warm
+    frac = (p - warm) / max(horizon - warm, 1e-12)
     frac = min(max(frac, 0.0), 1.0)
     if cfg.lr_schedule == "triangle":
         return cfg.lr * (1.0 - frac)

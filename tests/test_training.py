@@ -174,3 +174,28 @@ def test_evaluate_uses_the_metric_engine(monkeypatch):
     assert rec["val_worst_group_acc"] == pytest.approx(0.5)  # A (3 pairs) is not a candidate, C is
     rec = tr.evaluate(None, None, None, np.arange(6), y, groups, num_outputs=2, min_group_n=5)
     assert np.isnan(rec["val_worst_group_acc"])
+
+
+def test_anchor_anneals_to_zero_within_its_own_epochs():
+    c = cfg(lr=1.0, warmup_epochs=1, epochs_anchor=5, epochs_more=10)
+    assert lr_at(c, 0) == 0 and lr_at(c, 1) == 1.0 and lr_at(c, 5) == 0
+    assert lr_at(c, 3) == pytest.approx(0.5)                      # triangle over epochs 1..5
+    assert lr_at(c, 5 - 1 / 20) == pytest.approx(1 / 20 / 4)     # last batch of 20: near zero
+    p = np.linspace(0, 5, 2001)                                   # continuous across epoch boundaries
+    assert np.abs(np.diff([lr_at(c, x) for x in p])).max() < 2.5 * (5 / 2000)
+    cos = cfg(lr=1.0, warmup_epochs=1, epochs_anchor=5, epochs_more=10, lr_schedule="cosine")
+    assert lr_at(cos, 5) == pytest.approx(0, abs=1e-12) and lr_at(cos, 3) == pytest.approx(0.5)
+    # off: the single full-horizon curve (the anchor mid-descent at about 70% of the peak)
+    off = cfg(lr=1.0, warmup_epochs=1, epochs_anchor=5, epochs_more=10, anchor_anneal=False)
+    assert lr_at(off, 5) == pytest.approx(1 - 4 / 14)
+    # no continuation: both rules are the same curve (the scan model's schedule is unchanged)
+    for x in (0.5, 2.0, 4.9):
+        assert lr_at(cfg(epochs_anchor=4, epochs_more=0), x) == \
+            lr_at(cfg(epochs_anchor=4, epochs_more=0, anchor_anneal=False), x)
+
+
+def test_anchor_history_records_lr_zero_at_the_anchor(tmp_path):
+    cohort, images = fake_cohort(tmp_path)
+    rows, y, _ = task_rows(cohort, "Cardiomegaly", "train")
+    h = train(cfg(), images, rows, y, (0, 2), tmp_path / "a", progress=False)
+    assert h["lr"].tolist()[-1] == 0 and h["lr"].tolist()[0] > 0

@@ -1,0 +1,278 @@
+"""Stage 04: TRAK scores of every chosen finding and seed, and evidence that they mean something.
+
+Per finding and baseline seed, :func:`d3m_lib.attribution.baseline_scorer` featurizes
+the finding's training images under the **anchor** checkpoints ``trak_checkpoints``
+(epochs <= ``epochs_anchor``, checked by the configuration: TRAK attributes the model
+D3M edits, never continued-ERM epochs), with ``trak_featurizer`` and optionally on Ray
+workers, then scores the validation groups' means ``tau(g)_i`` (``tau.parquet`` in
+``04_trak/<finding>/seed<s>/``; index: cohort row of the training image, one column
+per group).
+
+Attribution quality, replacing the self-influence check (issue 11 item 8):
+
+* **planted harm** (synthetic cohorts only): AUROC of ``-score`` against the planted
+  harmful training images of the finding (``planted_ground_truth.csv.gz``), for each
+  group's ``tau(g)``, their equal-weight mean, and ``tau`` of the group with the highest
+  anchor validation loss among groups with at least ``min_group_n`` validation images (the
+  group D3M weights most), per planted kind, with a
+  patient-level bootstrap interval pooled over seeds
+  (:func:`d3m_lib.attribution.harm_ranking_auroc`). Real data have no ground truth:
+  the table is None and ``harm_note`` says so.
+* **linear datamodeling score** (``trak_lds: true``, ``params/lds.yaml``): for the first
+  finding and seed, ``trak_lds_models`` anchor models trained on random
+  ``trak_lds_subset_fraction`` subsets (same seed and schedule as the anchor, so they
+  differ only in data), margins of ``trak_lds_targets`` validation images, Spearman
+  correlation with the summed scores, bootstrap interval over targets
+  (:func:`d3m_lib.attribution.lds`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import pandas as pd
+
+from .. import attribution, d3m, synthetic, training
+from ..rundir import Stage
+
+EQUAL = "mean over groups"
+HIGHEST_LOSS = "highest-loss group"
+
+
+@dataclass
+class Result:
+    """What notebook 04 shows."""
+
+    checkpoints: list
+    summary: pd.DataFrame          # finding, seed, n_train, n_validate, groups, featurize_s, total_s
+    tau_first: pd.DataFrame        # tau of the first finding and seed (train row x group)
+    tau_corr: pd.DataFrame         # correlation of the groups' tau columns (first finding and seed)
+    examples: pd.DataFrame         # finding, seed, target, target_y, target_group, direction, rank, row, y, score
+    harm_auroc: pd.DataFrame | None  # finding, score, kind, value, lo, hi, n, n_planted, seed_values
+    harm_note: str = ""
+    lds: dict | None = None
+    lds_note: str = ""
+    seconds: float = 0.0
+    first: tuple = field(default_factory=tuple)  # (finding, seed) of tau_first and the examples
+
+
+def planted_flags(cohort: pd.DataFrame, train_rows, ground_truth: pd.DataFrame, finding: str) -> pd.DataFrame:
+    """Per training row of ``finding``: planted (any kind) and one column per planted kind."""
+    ids = cohort.set_index("row").loc[np.asarray(train_rows), "image_id"].astype(str).to_numpy()
+    gt = ground_truth[ground_truth["finding"].astype(str) == finding]
+    out = pd.DataFrame({"row": np.asarray(train_rows)})
+    for kind in sorted(gt["kind"].astype(str).unique()):
+        out[kind] = np.isin(ids, gt.loc[gt["kind"] == kind, "dicom_id"].astype(str).to_numpy())
+    kinds = [c for c in out.columns if c != "row"]
+    out["all"] = out[kinds].any(axis=1) if kinds else False
+    return out
+
+
+def harm_table(taus: dict, losses: dict, flags: pd.DataFrame, clusters, *, n_boot: int, ci_level: float,
+               random_state) -> pd.DataFrame:
+    """AUROC of each score against each planted kind, pooled over seeds.
+
+    ``taus``: seed -> tau (train row x group, rows in ``flags`` order); ``losses``:
+    seed -> anchor validation loss per group (the highest picks the "highest-loss group";
+    groups missing from it are not candidates: the stage passes those with at least
+    ``min_group_n`` validation images).
+    Kinds with no planted image (or all planted) among these rows are left out.
+    """
+    seeds = sorted(taus)
+    groups = list(taus[seeds[0]].columns)
+    scores = {f"tau({g})": [taus[s][g].to_numpy() for s in seeds] for g in groups}
+    scores[EQUAL] = [taus[s].mean(axis=1).to_numpy() for s in seeds]
+    scores[HIGHEST_LOSS] = [taus[s][losses[s].reindex(groups).idxmax()].to_numpy() for s in seeds]
+    recs = []
+    for kind in ["all", *[c for c in flags.columns if c not in ("row", "all")]]:
+        planted = flags[kind].to_numpy()
+        if not 0 < planted.sum() < len(planted):
+            continue
+        for name, per_seed in scores.items():
+            r = attribution.harm_ranking_auroc(per_seed, planted, clusters, n_boot=n_boot, ci_level=ci_level,
+                                               random_state=random_state)
+            recs.append(dict(score=name, kind=kind, **r))
+    return pd.DataFrame(recs)
+
+
+def ground_truth(run) -> pd.DataFrame | None:
+    """The run's planted ground truth (None on real data).
+
+    Notebook 01 records a synthetic cohort as ``summary.data.synthetic`` (and
+    ``summary.synthetic_dir``), while :func:`d3m_lib.synthetic.planted_ground_truth` looks
+    for ``summary.synthetic``; this reads either.
+    """
+    summary = (run.manifest("01_cohort") or {}).get("summary") or {}
+    if summary.get("synthetic") is None and (summary.get("data") or {}).get("synthetic"):
+        return synthetic.planted_ground_truth(run, run.path / summary["synthetic_dir"]
+                                              / synthetic.GROUND_TRUTH_FILE)
+    return synthetic.planted_ground_truth(run)
+
+
+def _anchor_losses(run, finding: str, seed: int, epoch: int, min_group_n: int = 1) -> pd.Series:
+    """The anchor's validation loss per group with at least ``min_group_n`` images (all if none has)."""
+    pv = pd.read_parquet(run.model_dir("03_baseline", finding, seed) / f"preds_validate_epoch{epoch:02d}.parquet")
+    gl = d3m.group_losses(pv["y"].to_numpy(), pv["logit"].to_numpy(), pv["group"].to_numpy())
+    n = pv.groupby("group").size().reindex(gl.index)
+    return gl[n >= min_group_n] if (n >= min_group_n).any() else gl
+
+
+def examples_table(scorer, cohort: pd.DataFrame, finding: str, seed: int, n_targets: int = 3, k: int = 5,
+                   random_state: int = 0) -> pd.DataFrame:
+    """The ``k`` most helpful (+) and most harmful (-) training images of a few validation images."""
+    val_rows = training.task_rows(cohort, finding, "validate")[0]
+    pick = np.random.default_rng(random_state).choice(len(val_rows), size=min(n_targets, len(val_rows)),
+                                                      replace=False)
+    targets = val_rows[np.sort(pick)]
+    s = scorer.scores(targets, exp_name="examples")
+    by_row = cohort.set_index("row")
+    pos = pd.Series(np.arange(len(scorer.train_rows)), index=scorer.train_rows)
+    recs = []
+    for direction, most_negative in (("+", False), ("-", True)):
+        top = attribution.top_train_rows(s, scorer.train_rows, k=k, most_negative=most_negative)
+        for j, t in enumerate(targets):
+            for rank, r in enumerate(top[j], start=1):
+                recs.append(dict(finding=finding, seed=seed, target=int(t), target_y=int(by_row.loc[t, finding]),
+                                 target_group=str(by_row.loc[t, "group"]), direction=direction, rank=rank,
+                                 row=int(r), y=int(by_row.loc[r, finding]), group=str(by_row.loc[r, "group"]),
+                                 score=float(s[pos.loc[r], j])))
+    return pd.DataFrame(recs).sort_values(["target", "direction", "rank"], kind="mergesort",
+                                          ignore_index=True)
+
+
+def linear_datamodeling(stage: Stage, scorer, cohort: pd.DataFrame, images, finding: str, seed: int, *,
+                        n_models: int, n_targets: int, subset_fraction: float, progress: bool = False) -> dict:
+    """LDS of ``scorer`` (one finding and seed) from ``n_models`` anchor models on random subsets.
+
+    Subset models train epochs 1..``epochs_anchor`` with the anchor's configuration and
+    seed, on a random ``subset_fraction`` of the finding's training images; each is kept
+    in ``04_trak/lds/<finding>/model<k>/`` with its subset mask, so an interrupted run
+    resumes. Targets: ``n_targets`` validation images (all if fewer), drawn with
+    ``trak_seed + 1``. Returns :func:`d3m_lib.attribution.lds`'s dict (``per_target``
+    as a list), with the finding, seed and targets; also written to ``lds.json``.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = stage.cfg
+    val_rows, val_y, _ = training.task_rows(cohort, finding, "validate")
+    pick = np.random.default_rng(cfg.trak_seed + 1).choice(len(val_rows), size=min(n_targets, len(val_rows)),
+                                                           replace=False)
+    targets, y_t = val_rows[pick], val_y[pick]
+    s = scorer.scores(targets, exp_name="lds")
+    tr_rows, tr_y, _ = training.task_rows(cohort, finding, "train")
+    if not np.array_equal(tr_rows, scorer.train_rows):
+        raise RuntimeError("the scorer's training rows differ from the finding's training split")
+    tcfg = training.TrainConfig.from_params(cfg.values, seed=seed, device=str(training.resolve_device(cfg.device)))
+    ea = int(cfg.epochs_anchor)
+    bar = tqdm(total=n_models, desc=f"LDS subset models ({finding})", disable=not progress)
+    count = [0]
+
+    def margins(mask: np.ndarray) -> np.ndarray:
+        count[0] += 1
+        out = stage.path("lds", training.finding_dirname(finding), f"model{count[0]:02d}", "mask.npy").parent
+        ck = out / f"epoch_{ea:02d}.pt"
+        done = ck.exists() and (out / "mask.npy").exists() and np.array_equal(np.load(out / "mask.npy"), mask)
+        if not done:
+            np.save(out / "mask.npy", mask)
+            training.train(tcfg, images, tr_rows[mask], tr_y[mask], (0, ea), out, progress=False)
+        bar.update(1)
+        return (2 * y_t - 1) * training.predict(ck, tcfg, images, targets)
+
+    res = attribution.lds(s, margins, n_models=n_models, subset_fraction=subset_fraction, seed=cfg.trak_seed,
+                          n_boot=cfg.n_boot, ci_level=cfg.ci_level)
+    bar.close()
+    res = {**res, "per_target": [float(v) for v in res["per_target"]], "finding": finding, "seed": int(seed),
+           "targets": [int(t) for t in targets], "subset_fraction": float(subset_fraction),
+           "ci_level": float(cfg.ci_level)}
+    stage.path("lds.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def run(stage: Stage, progress: bool = False) -> Result:
+    """Featurize and score every (finding, seed), check the attribution, write, finish the stage."""
+    from tqdm.auto import tqdm
+
+    t_start = time.time()
+    cfg, run_ = stage.cfg, stage.run
+    cohort = run_.cohort()
+    images = run_.images(cohort["row"])
+    findings = run_.findings()
+    dev = str(training.resolve_device(cfg.device))
+    gt = ground_truth(run_)
+    ea = int(cfg.epochs_anchor)
+
+    records, scorers, taus, losses = [], {}, {}, {}
+    jobs = [(f, s) for f in findings for s in cfg.seeds]
+    for finding, seed in tqdm(jobs, desc="TRAK", disable=not progress):
+        tcfg = training.TrainConfig.from_params(cfg.values, seed=seed, device=dev)
+        t0 = time.time()
+        sc = attribution.baseline_scorer(run_.path, finding, seed, cohort, images, tcfg, cfg.trak_checkpoints,
+                                         proj_dim=cfg.trak_proj_dim, lambda_reg=cfg.trak_lambda_reg,
+                                         batch_size=cfg.trak_batch_size, projector_seed=cfg.trak_seed,
+                                         device=dev, featurizer=cfg.trak_featurizer)
+        if cfg.trak_ray_workers:  # the same features, computed in shards on Ray workers
+            from ..ray_featurize import featurize_on_ray
+
+            featurize_on_ray(sc, cfg.trak_ray_workers, address=cfg.trak_ray_address,
+                             open_images=partial(run_.images, cohort["row"]))
+        else:
+            sc.featurize()
+        t_feat = time.time() - t0
+        val_rows, _, val_groups = training.task_rows(cohort, finding, "validate")
+        tau = sc.group_scores(val_rows, val_groups, exp_name="validate")
+        tau.to_parquet(sc.save_dir / "tau.parquet")
+        scorers[(finding, seed)], taus[(finding, seed)] = sc, tau
+        losses[(finding, seed)] = _anchor_losses(run_, finding, seed, ea, cfg.min_group_n)
+        records.append(dict(finding=finding, seed=seed, n_train=len(sc.train_rows), n_validate=len(val_rows),
+                            groups=tau.shape[1], featurize_s=round(t_feat, 1),
+                            total_s=round(time.time() - t0, 1)))
+    summary = pd.DataFrame(records)
+
+    first = (findings[0], cfg.seeds[0])
+    tau_first = taus[first]
+    examples = examples_table(scorers[first], cohort, *first, random_state=cfg.trak_seed)
+
+    if gt is None:
+        harm, harm_note = None, ("Real data: there is no planted ground truth, so how well TRAK ranks harmful "
+                                 "images cannot be measured here; see the synthetic demo run.")
+    else:
+        parts = []
+        clusters_of = cohort.set_index("row")["subject_id"] if "subject_id" in cohort.columns else None
+        for finding in findings:
+            rows = scorers[(finding, cfg.seeds[0])].train_rows
+            flags = planted_flags(cohort, rows, gt, finding)
+            clusters = None if clusters_of is None else clusters_of.loc[rows].to_numpy()
+            t = harm_table({s: taus[(finding, s)] for s in cfg.seeds}, {s: losses[(finding, s)] for s in cfg.seeds},
+                           flags, clusters, n_boot=cfg.n_boot, ci_level=cfg.ci_level, random_state=cfg.trak_seed)
+            parts.append(t.assign(finding=finding))
+        harm = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        harm = harm[["finding", *[c for c in harm.columns if c != "finding"]]] if len(harm) else None
+        harm_note = ("" if harm is not None else
+                     "The synthetic cohort has no planted harmful training image for these findings.")
+
+    lds = None
+    lds_note = ("not computed (trak_lds is false); run `python -m d3m_lib run params/lds.yaml --book` to "
+                "compute it")
+    if cfg.trak_lds:
+        lds = linear_datamodeling(stage, scorers[first], cohort, images, *first, n_models=cfg.trak_lds_models,
+                                  n_targets=cfg.trak_lds_targets, subset_fraction=cfg.trak_lds_subset_fraction,
+                                  progress=progress)
+        lds_note = ""
+
+    summary.to_csv(stage.path("summary.csv"), index=False)
+    examples.to_csv(stage.path("examples.csv"), index=False)
+    if harm is not None:
+        harm.drop(columns="seed_values").to_csv(stage.path("harm_auroc.csv"), index=False)
+    seconds = time.time() - t_start
+    stage.finish({"findings": findings, "seeds": list(cfg.seeds), "checkpoints": list(cfg.trak_checkpoints),
+                  "seconds": seconds,
+                  "harm_auroc": None if harm is None else {
+                      f: float(d.loc[(d["score"] == EQUAL) & (d["kind"] == "all"), "value"].iloc[0])
+                      for f, d in harm.groupby("finding") if ((d["score"] == EQUAL) & (d["kind"] == "all")).any()},
+                  "lds": None if lds is None else {k: lds[k] for k in ("lds", "lo", "hi", "n_models", "n_targets")}})
+    return Result(list(cfg.trak_checkpoints), summary, tau_first, tau_first.corr(), examples, harm, harm_note,
+                  lds, lds_note, seconds, first)
