@@ -216,3 +216,27 @@ def show(fig) -> None:
     display(fig)
     if isinstance(fig, plt.Figure):
         plt.close(fig)
+
+
+def influence_grids(influential: pd.DataFrame, targets: pd.DataFrame, images, policy, title: str = "") -> list:
+    """Per target and direction, the target image and its strongest training images by TRAK score.
+
+    ``influential``: rows target, target_row, direction, rank, train_row, score, group, y
+    (:class:`d3m_lib.stages.errors.FindingErrors`); ``targets``: row, group, y, prob.
+    Captions give group, label ``y`` and score ``s``. One placeholder when the policy hides images.
+    """
+    if not policy.may_show_images():
+        return [placeholder(f"{title + ': ' if title else ''}{len(targets)} x 2 image grids hidden: credentialed "
+                            "data (set publish_images to show them)")]
+    figs = []
+    for j, t in enumerate(targets.itertuples()):
+        for direction in ("positive", "negative"):
+            d = influential[(influential["target"] == j) & (influential["direction"] == direction)]
+            d = d.sort_values("rank")
+            caps = [f"TARGET {str(t.group)[:12]}\ny={int(t.y)} p={t.prob:.2f}"] + [
+                f"{str(g)[:12]}\ny={y:.0f} s={s:.2g}" for g, y, s in zip(d["group"], d["y"], d["score"])]
+            ims = [images[int(t.row)]] + [images[int(r)] for r in d["train_row"]]
+            figs.append(image_grid(ims, caps, policy, ncols=len(ims),
+                                   title=f"{title + ': ' if title else ''}target {j + 1}, strongest {direction} "
+                                         "scores"))
+    return figs
