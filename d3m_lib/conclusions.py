@@ -97,8 +97,10 @@ def recovery_sentence(share: float, lo: float, hi: float, gain: float, gain_lo: 
         return (f"{head}removing the planted harmful images ({lc}) changes {what} by {g} against {lb}; "
                 f"that interval includes 0, so there is no reliable gain for {lm} to recover "
                 "and no share is stated.")
-    s = f"{share:.0%}"
-    rng = f" [{lo:.0%}, {hi:.0%}]" if math.isfinite(lo) and math.isfinite(hi) else ""
+    def pc(v):
+        return _num(100 * v, ".0f") + "%"  # no "-0%"
+    s = pc(share)
+    rng = f" [{pc(lo)}, {pc(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else ""
     return (f"{head}{lm} recovers {s}{rng} of the {lc}'s gain in {what} over {lb} "
             f"({lc} − {lb}: {g}).")
 

@@ -240,3 +240,11 @@ def influence_grids(influential: pd.DataFrame, targets: pd.DataFrame, images, po
                                    title=f"{title + ': ' if title else ''}target {j + 1}, strongest {direction} "
                                          "scores"))
     return figs
+
+
+def removed_kept_figure(rk: dict, policy, title: str = ""):
+    """Mean removed and kept images per label and their difference (removed − kept, scaled to ±127.5 around
+    mid-grey), from :func:`d3m_lib.analysis.removed_vs_kept_means`; hidden like :func:`image_grid`."""
+    d = np.asarray(rk["difference"], dtype=float)
+    scaled = {"difference (removed - kept)": 127.5 + 127.5 * d / max(float(np.abs(d).max()), 1e-9)}
+    return mean_images({**rk["means"], **scaled}, policy, title=title)

@@ -68,6 +68,11 @@ class Result:
     def primary(self) -> str:
         return self.findings[0]
 
+    def headline_change(self) -> pd.DataFrame:
+        """:attr:`wga_change` of the retrained arms (the anchor selects nothing), as the Results figure shows."""
+        keep = [m in _methods.REGISTRY and _methods.get(m).retrained for m in self.wga_change["method"]]
+        return self.wga_change[keep].reset_index(drop=True)
+
 
 def paired_display(paired: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
     """Display table of :meth:`MethodComparison.paired_table`: labels, ``diff [lo, hi]``, the reading."""

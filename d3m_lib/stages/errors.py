@@ -147,7 +147,7 @@ def _finding_errors(run, cfg, predictions, cohort, finding, noun) -> FindingErro
                          analysis.influence_composition(scores, train_rows, cohort, finding, cfg.n_top), sentence)
 
 
-def _planted_sentences(planted: pd.DataFrame | None, finding: str, arms=None) -> list[str]:
+def _planted_sentences(planted: pd.DataFrame | None, finding: str, arms=None, head: bool = False) -> list[str]:
     if planted is None:
         return ["Real data has no planted ground truth, so the precision and recall of a selection cannot be "
                 "computed."]
@@ -155,7 +155,8 @@ def _planted_sentences(planted: pd.DataFrame | None, finding: str, arms=None) ->
     p = p.assign(_o=p["method"].map({m: i for i, m in enumerate(_methods.order(p["method"]))})).sort_values(
         ["_o", "kind"], kind="stable")
     return [conclusions.planted_sentence(r.method, r.kind, r.precision, r.precision_min, r.precision_max,
-                                         r.base_rate, r.recall, int(r.n_seeds)) for r in p.itertuples()]
+                                         r.base_rate, r.recall, int(r.n_seeds), finding if head else None)
+            for r in p.itertuples()]
 
 
 def _quotes(res: Result) -> tuple[dict, dict]:
@@ -213,7 +214,7 @@ def run(stage, progress: bool = False) -> Result:
              if ((selections["finding"] == f) & (selections["method"] == m) & ~selections["kept"]).any()}
     res = Result(findings, errs, removed, means, predictions, cohort, images, noun)
     res.sentences = {"worst_group": [e.sentence for e in errs.values()],
-                     "planted": [s for f in findings for s in _planted_sentences(res.planted, f)]}
+                     "planted": [s for f in findings for s in _planted_sentences(res.planted, f, head=True)]}
     res.quotes, res.numbers = _quotes(res)
     pd.concat([e.targets.drop(columns=["subject_id", "study_id", "image_id"]).assign(finding=f)  # no identifiers
                for f, e in errs.items()], ignore_index=True).to_csv(stage.path("targets.csv"), index=False)
