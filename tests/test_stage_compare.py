@@ -105,3 +105,13 @@ def test_display_tables(result):
     assert len(r) == len(res.recovery) and r.iloc[0, 2].endswith("]")
     assert "note" in compare.recovery_display(res.recovery.iloc[:0]).columns
     assert res.underdiagnosis is not None and set(res.underdiagnosis["metric"]) == {"fpr"}
+
+
+def test_without_an_oracle_the_sentence_says_why(tmp_path):
+    d = build_fake_run(tmp_path, with_trak=False)   # synthetic (summary.data.synthetic), no oracle arm
+    run = RunDir(d["run_dir"])
+    m = run.manifest("01_cohort")
+    m["summary"].pop("synthetic")   # what stage 01 records: the facts live under summary.data
+    run._write_manifest("01_cohort", m)
+    res = compare.run(open_stage("06_per_race", d["run_dir"]))
+    assert res.recovery.empty and "add 'oracle' to `methods`" in res.quotes["recovery_summary"]

@@ -128,7 +128,9 @@ def _leaders(mc: MethodComparison, wga: pd.DataFrame) -> pd.DataFrame:
 
 
 def _synthetic(run) -> bool:
-    return bool(((run.manifest("01_cohort") or {}).get("summary") or {}).get("synthetic", False))
+    """Whether stage 01 read synthetic data (its manifest's ``summary.data``, as the privacy policy reads it)."""
+    summary = (run.manifest("01_cohort") or {}).get("summary") or {}
+    return bool((summary.get("data") or {}).get("synthetic", summary.get("synthetic", False)))
 
 
 def _quotes(res: Result, ci_level: float, synthetic: bool) -> tuple[dict, dict]:
