@@ -94,3 +94,12 @@ def test_grids_and_the_explorer(result):
     still = errors.explorer_panel(stage, res)   # no widget frontend under pytest: the still figure
     assert errors.explorer_note(still)
     plots.plt.close(still)
+
+
+def test_ground_truth_found_from_summary_data(result):
+    stage, _, _, _ = result
+    m = stage.run.manifest("01_cohort")
+    m["summary"].pop("synthetic", None)   # what stage 01 records: the facts live under summary.data
+    stage.run._write_manifest("01_cohort", m)
+    gt = errors.ground_truth(stage.run)
+    assert gt is not None and {"label_flip", "shortcut"} <= set(gt["kind"])

@@ -31,7 +31,7 @@ import pandas as pd
 from .. import analysis, attribution, conclusions, explorer
 from .. import methods as _methods
 from ..book import group_noun
-from ..synthetic import planted_ground_truth
+from ..synthetic import GROUND_TRUTH_FILE, planted_ground_truth
 
 BASELINE = "erm"    # the model whose errors are analysed
 STUDY_ARM = "d3m"   # the arm the Results page quotes
@@ -99,6 +99,20 @@ class Result:
     @property
     def planted(self) -> pd.DataFrame | None:
         return self.removed.planted
+
+
+def ground_truth(run, override=None) -> pd.DataFrame | None:
+    """The planted ground truth when stage 01 read synthetic data, else None.
+
+    Stage 01 records its facts under ``summary.data`` (``synthetic``), which
+    :func:`d3m_lib.synthetic.planted_ground_truth` does not read; the file beside the
+    cohort (``summary.synthetic_dir``) is passed to it explicitly.
+    """
+    summary = (run.manifest("01_cohort") or {}).get("summary") or {}
+    synthetic = (summary.get("data") or {}).get("synthetic", summary.get("synthetic", False))
+    if override or not synthetic or "synthetic_dir" not in summary:
+        return planted_ground_truth(run, override)
+    return planted_ground_truth(run, run.path / summary["synthetic_dir"] / GROUND_TRUTH_FILE)
 
 
 def _influential(scores: np.ndarray, train_rows: np.ndarray, targets: pd.DataFrame, cohort: pd.DataFrame,
@@ -206,7 +220,7 @@ def run(stage, progress: bool = False) -> Result:
     noun = group_noun(cfg)
     errs = {f: _finding_errors(rd, cfg, predictions, cohort, f, noun)
             for f in tqdm(findings, desc="worst-group errors (TRAK)", disable=not progress)}
-    removed = analysis.removed_summary(selections, cohort, planted_ground_truth(rd, cfg.synthetic_ground_truth))
+    removed = analysis.removed_summary(selections, cohort, ground_truth(rd, cfg.synthetic_ground_truth))
     trak_arms = [m for m in _methods.order(selections["method"].astype(str))
                  if m in _methods.REGISTRY and _methods.get(m).needs_trak]
     means = {(f, m): analysis.removed_vs_kept_means(images, selections, cohort, f, method=m)
