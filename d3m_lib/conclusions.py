@@ -97,8 +97,10 @@ def recovery_sentence(share: float, lo: float, hi: float, gain: float, gain_lo: 
         return (f"{head}removing the planted harmful images ({lc}) changes {what} by {g} against {lb}; "
                 f"that interval includes 0, so there is no reliable gain for {lm} to recover "
                 "and no share is stated.")
-    s = f"{share:.0%}"
-    rng = f" [{lo:.0%}, {hi:.0%}]" if math.isfinite(lo) and math.isfinite(hi) else ""
+    def pc(v):
+        return _num(100 * v, ".0f") + "%"  # no "-0%"
+    s = pc(share)
+    rng = f" [{pc(lo)}, {pc(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else ""
     return (f"{head}{lm} recovers {s}{rng} of the {lc}'s gain in {what} over {lb} "
             f"({lc} − {lb}: {g}).")
 
@@ -109,3 +111,99 @@ def worst_group_sentence(group: str, value: float, lo: float, hi: float, noun: s
     head = f"{finding}: " if finding else ""
     return (f"{head}the worst {noun} group of {_methods.label(method)} is {group}, with {metric} "
             f"{interval_text(value, lo, hi)}.")
+
+
+def _pct(ci_level: float) -> str:
+    return f"{round(100 * ci_level)}%"
+
+
+def change_sentence(method: str, baseline: str, group: str, est: float, lo: float, hi: float,
+                    noun: str = "race", ci_level: float = 0.95, finding: str | None = None,
+                    metric: str = "accuracy") -> str:
+    """The paired change ``method - baseline`` of ``metric`` on one group (e.g. the baseline's worst group).
+
+    A direction is claimed only when the paired interval excludes 0.
+    """
+    lm, lb = _methods.label(method), _methods.label(baseline)
+    head = f"{finding}: " if finding else ""
+    what = f"{metric} on {lb}'s worst {noun} group ({group})"
+    diff = interval_text(est, lo, hi, signed=True)
+    if not excludes_zero(lo, hi):
+        why = "includes 0" if math.isfinite(lo) and math.isfinite(hi) else "is not available"
+        return (f"{head}{lm} − {lb} in {what}: {diff}; the {_pct(ci_level)} paired interval {why}, "
+                "so no change is claimed.")
+    better = (est > 0) != (metric in ("fpr", "fnr"))
+    return (f"{head}{lm} − {lb} in {what}: {diff}; the {_pct(ci_level)} paired interval excludes 0, so {lm} "
+            f"{'improved' if better else 'worsened'} it.")
+
+
+def leader_sentence(best: str, value: float, lo: float, hi: float, paired: pd.DataFrame,
+                    ci_level: float = 0.95, finding: str | None = None, metric: str = "accuracy") -> str:
+    """Which arm has the highest worst-group point estimate, and against which arms that holds reliably.
+
+    ``paired``: rows ``a == best`` against every other arm (columns b, diff, lo, hi), as from
+    :meth:`~d3m_lib.analysis.MethodComparison.paired_table`. Only arms whose paired interval
+    excludes 0 are called reliably worse; the rest are named as not reliably different.
+    """
+    head = f"{finding}: " if finding else ""
+    what = METRIC_PHRASES.get(metric, metric)
+    lb = _methods.label(best)
+    s = f"{head}{'t' if head else 'T'}he highest point estimate of {what} is {lb}'s, {interval_text(value, lo, hi)}."
+    rows = paired[paired["a"] == best]
+    sure = [_methods.label(b) for b, lo_, hi_ in zip(rows["b"], rows["lo"], rows["hi"]) if excludes_zero(lo_, hi_)]
+    unsure = [_methods.label(b) for b, lo_, hi_ in zip(rows["b"], rows["lo"], rows["hi"])
+              if not excludes_zero(lo_, hi_)]
+    if sure:
+        s += f" Its {_pct(ci_level)} paired interval excludes 0 against {', '.join(sure)}."
+    if unsure:
+        s += (f" Against {', '.join(unsure)} the paired interval includes 0, so {lb} is not reliably "
+              "better than " + ("it." if len(unsure) == 1 else "them."))
+    if rows.empty:
+        s += " No other arm was run, so nothing is compared."
+    return s
+
+
+def recovery_sentences(recovery: pd.DataFrame, ceiling: str = "oracle", baseline: str = "erm",
+                       metric: str = "accuracy") -> list[str]:
+    """One :func:`recovery_sentence` per row of :meth:`~d3m_lib.analysis.MethodComparison.recovery` tables."""
+    return [recovery_sentence(r.share, r.lo, r.hi, r.gain, r.gain_lo, r.gain_hi, r.method, ceiling, baseline,
+                              metric, r.finding) for r in recovery.itertuples()]
+
+
+def no_ceiling_sentence(ceiling: str = "oracle", synthetic: bool = True) -> str:
+    """Why no share of the ceiling's gain is stated when the ceiling arm did not run."""
+    lc = _methods.label(ceiling)
+    if not synthetic:
+        return (f"Real data has no planted ground truth, so there is no {lc} arm and no share of an "
+                f"{lc}'s gain is stated.")
+    return f"This run has no {lc} arm (add '{ceiling}' to `methods`), so no share of its gain is stated."
+
+
+def planted_sentence(method: str, kind: str, precision: float, precision_min: float, precision_max: float,
+                     base_rate: float, recall: float, n_seeds: int, finding: str | None = None) -> str:
+    """Precision of one arm's removals for one planted kind against the base rate (random removal's expectation).
+
+    Enrichment is claimed only when the precision of *every* seed lies above the base rate
+    (seeds are the only replication of a selection); otherwise it is called not consistent.
+    """
+    head = f"{finding}: " if finding else ""
+    lm, k = _methods.label(method), kind.replace("_", " ")
+    if not math.isfinite(precision):
+        return f"{head}{lm} removed no image, so its precision for {k} images is undefined."
+    rng = (f" (seeds {precision_min:.3f} to {precision_max:.3f})" if n_seeds > 1 else "")
+    lm = lm if head else lm[:1].upper() + lm[1:]
+    s = (f"{head}{lm}'s removals were {k} images at a rate of {precision:.3f}{rng}, against a base rate of "
+         f"{base_rate:.3f}; it removed {recall:.1%} of them. ")
+    if precision_min > base_rate:
+        return s + ("In every seed" if n_seeds > 1 else "In its one seed") + " its precision exceeds the base rate."
+    if precision_max < base_rate:
+        return s + ("In every seed" if n_seeds > 1 else "In its one seed") + " its precision is below the base rate."
+    return s + "Its precision is not above the base rate in every seed, so no enrichment is claimed."
+
+
+def removal_sentence(method: str, group: str, rate: float, overall_rate: float, noun: str = "race",
+                     finding: str | None = None) -> str:
+    """The group whose training images an arm removed at the highest rate, beside its overall rate."""
+    head = f"{finding}: " if finding else ""
+    return (f"{head}{_methods.label(method)} removed {rate:.1%} of the {noun} group {group}'s training images, "
+            f"the highest rate of any group (all groups: {overall_rate:.1%}).")

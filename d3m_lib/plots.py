@@ -317,3 +317,35 @@ def attribution_examples(examples: pd.DataFrame, images, policy, title: str = ""
             caps.append(f"{r['direction']} y={r['y']} {str(r['group'])[:10]}")
     ncols = 1 + int(per_target.size().max()) if len(examples) else 1
     return image_grid(ims, caps, policy, ncols=ncols, title=title)
+
+
+def influence_grids(influential: pd.DataFrame, targets: pd.DataFrame, images, policy, title: str = "") -> list:
+    """Per target and direction, the target image and its strongest training images by TRAK score.
+
+    ``influential``: rows target, target_row, direction, rank, train_row, score, group, y
+    (:class:`d3m_lib.stages.errors.FindingErrors`); ``targets``: row, group, y, prob.
+    Captions give group, label ``y`` and score ``s``. One placeholder when the policy hides images.
+    """
+    if not policy.may_show_images():
+        return [placeholder(f"{title + ': ' if title else ''}{len(targets)} x 2 image grids hidden: credentialed "
+                            "data (set publish_images to show them)")]
+    figs = []
+    for j, t in enumerate(targets.itertuples()):
+        for direction in ("positive", "negative"):
+            d = influential[(influential["target"] == j) & (influential["direction"] == direction)]
+            d = d.sort_values("rank")
+            caps = [f"TARGET {str(t.group)[:12]}\ny={int(t.y)} p={t.prob:.2f}"] + [
+                f"{str(g)[:12]}\ny={y:.0f} s={s:.2g}" for g, y, s in zip(d["group"], d["y"], d["score"])]
+            ims = [images[int(t.row)]] + [images[int(r)] for r in d["train_row"]]
+            figs.append(image_grid(ims, caps, policy, ncols=len(ims),
+                                   title=f"{title + ': ' if title else ''}target {j + 1}, strongest {direction} "
+                                         "scores"))
+    return figs
+
+
+def removed_kept_figure(rk: dict, policy, title: str = ""):
+    """Mean removed and kept images per label and their difference (removed − kept, scaled to ±127.5 around
+    mid-grey), from :func:`d3m_lib.analysis.removed_vs_kept_means`; hidden like :func:`image_grid`."""
+    d = np.asarray(rk["difference"], dtype=float)
+    scaled = {"difference (removed - kept)": 127.5 + 127.5 * d / max(float(np.abs(d).max()), 1e-9)}
+    return mean_images({**rk["means"], **scaled}, policy, title=title)

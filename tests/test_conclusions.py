@@ -43,3 +43,49 @@ def test_readings_and_nouns():
     s = c.worst_group_sentence("Female", 0.71, 0.66, 0.76, noun=c.group_noun("nih", "sex"))
     assert s == "the worst sex group of ERM is Female, with accuracy 0.710 [0.660, 0.760]."
     assert c.interval_text(-0.0001, -0.001, 0.001) == "0.000 [-0.001, 0.001]"
+
+
+def test_change_sentence_claims_only_outside_zero():
+    s = c.change_sentence("d3m", "erm", "Asian", 0.05, 0.01, 0.09, noun="sex", finding="Edema")
+    assert s.startswith("Edema: D3M − ERM in accuracy on ERM's worst sex group (Asian): +0.050 [0.010, 0.090]")
+    assert "excludes 0" in s and "improved" in s
+    s = c.change_sentence("d3m", "erm", "Asian", 0.05, -0.01, 0.09)
+    assert "includes 0" in s and "no change is claimed" in s and "improved" not in s
+    assert "not available" in c.change_sentence("d3m", "erm", "A", 0.05, math.nan, math.nan)
+    assert "worsened" in c.change_sentence("d3m", "erm", "A", 0.05, 0.01, 0.09, metric="fnr")
+
+
+def test_leader_sentence_names_reliable_and_unreliable_rivals():
+    paired = pd.DataFrame({"a": ["d3m", "d3m", "d3m"], "b": ["erm", "random", "balanced"],
+                           "diff": [0.1, 0.02, 0.08], "lo": [0.05, -0.01, 0.01], "hi": [0.15, 0.05, 0.12]})
+    s = c.leader_sentence("d3m", 0.7, 0.6, 0.8, paired)
+    assert s.startswith("The highest point estimate of worst-group accuracy is D3M's, 0.700 [0.600, 0.800].")
+    assert "excludes 0 against ERM, group-balanced." in s
+    assert "Against random the paired interval includes 0, so D3M is not reliably better than it." in s
+    assert "nothing is compared" in c.leader_sentence("erm", 0.5, 0.4, 0.6, paired.iloc[:0], finding="F")
+
+
+def test_recovery_sentences_and_no_ceiling():
+    rec = pd.DataFrame({"finding": ["F", "F"], "method": ["d3m", "random"], "share": [0.5, math.nan],
+                        "lo": [0.2, math.nan], "hi": [0.8, math.nan], "gain": [0.1, 0.01],
+                        "gain_lo": [0.05, -0.02], "gain_hi": [0.15, 0.04]})
+    out = c.recovery_sentences(rec)
+    assert out[0].startswith("F: D3M recovers 50% [20%, 80%]") and "no share is stated" in out[1]
+    assert "Real data" in c.no_ceiling_sentence(synthetic=False)
+    assert "add 'oracle'" in c.no_ceiling_sentence()
+
+
+def test_planted_sentence_claims_enrichment_only_in_every_seed():
+    s = c.planted_sentence("d3m", "label_flip", 0.3, 0.2, 0.4, 0.05, 0.5, 3)
+    assert s.startswith("D3M's removals were label flip images at a rate of 0.300 (seeds 0.200 to 0.400)")
+    assert "In every seed its precision exceeds the base rate." in s
+    s = c.planted_sentence("random", "shortcut", 0.06, 0.01, 0.1, 0.05, 0.1, 3)
+    assert s.startswith("Random's") and "no enrichment is claimed" in s and "exceeds" not in s
+    assert "below the base rate" in c.planted_sentence("random", "shortcut", 0.01, 0.0, 0.02, 0.05, 0.1, 1)
+    assert "undefined" in c.planted_sentence("d3m", "shortcut", math.nan, math.nan, math.nan, 0.05, 0.0, 2)
+
+
+def test_removal_sentence():
+    s = c.removal_sentence("d3m", "Asian", 0.25, 0.1, noun="race")
+    assert s == ("D3M removed 25.0% of the race group Asian's training images, the highest rate of any group "
+                 "(all groups: 10.0%).")

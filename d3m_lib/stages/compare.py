@@ -1,0 +1,217 @@
+"""Stage 06: every arm against ERM and against each other, per finding and per group.
+
+From stage 05's predictions and selections and the cohort's patients (the
+bootstrap unit), :func:`run` builds the source study's table per finding,
+worst-group accuracy per arm with its interval, the paired comparisons a
+reviewer asks for (:data:`d3m_lib.analysis.DEFAULT_PAIRS` wherever both arms
+ran), the share of the oracle's gain each arm recovers, the paired change of
+worst-group accuracy against ERM (the Results page's headline figure reads
+``wga_change.csv``), forest-plot rows, AUROC per group and, when "No Finding"
+is a task, underdiagnosis. Every sentence that states a result comes from
+:mod:`d3m_lib.conclusions`. Arm names, labels and order come from
+:mod:`d3m_lib.methods`.
+
+Files written in ``06_per_race/``: ``source_<finding>.csv`` (one block per arm),
+``worst_group.csv``, ``wga_change.csv``, ``paired.csv``, ``recovery.csv``,
+``forest.csv``, ``auroc.csv``, ``underdiagnosis.csv`` (when "No Finding" is a
+task) and ``sentences.json``. The stage is cheap (bootstrap only), so it is
+recomputed whole rather than resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .. import analysis, conclusions
+from .. import methods as _methods
+from ..analysis import OVERALL, MethodComparison
+from ..book import group_noun
+
+BASELINE = "erm"    # every change is against continued ERM
+STUDY_ARM = "d3m"   # the arm the study is about (the headline sentences)
+NO_FINDING = "No Finding"
+
+
+def ceiling_arm() -> str:
+    """The registry's ceiling: the arm that needs synthetic ground truth (the oracle)."""
+    return next(m for m in _methods.order() if _methods.get(m).needs_ground_truth)
+
+
+@dataclass
+class Result:
+    """What notebook 06 shows; every table is also saved in the stage folder."""
+
+    comparison: MethodComparison
+    findings: list[str]
+    arms: list[str]                     # arms present, registry order
+    n_seeds: int
+    noun: str                           # race / sex / age band
+    tables: dict[str, pd.DataFrame]     # per finding: the source study's display table
+    source: pd.DataFrame                # long source tables (every arm vs ERM)
+    wga: pd.DataFrame                   # worst-group accuracy per finding and arm
+    wga_change: pd.DataFrame            # paired change of worst-group accuracy against ERM
+    paired: pd.DataFrame                # the reviewer's paired comparisons
+    recovery: pd.DataFrame              # share of the oracle's gain per arm (empty without an oracle)
+    forest: pd.DataFrame
+    auroc: pd.DataFrame
+    underdiagnosis: pd.DataFrame | None
+    leaders: pd.DataFrame               # per finding: the arm with the highest WGA vs every other arm, paired
+    sentences: dict[str, list[str]] = field(default_factory=dict)
+    quotes: dict[str, str] = field(default_factory=dict)     # text the book pages quote (primary finding)
+    numbers: dict[str, float] = field(default_factory=dict)  # numbers the book pages quote
+
+    @property
+    def primary(self) -> str:
+        return self.findings[0]
+
+    def headline_change(self) -> pd.DataFrame:
+        """:attr:`wga_change` of the retrained arms (the anchor selects nothing), as the Results figure shows."""
+        keep = [m in _methods.REGISTRY and _methods.get(m).retrained for m in self.wga_change["method"]]
+        return self.wga_change[keep].reset_index(drop=True)
+
+
+def paired_display(paired: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
+    """Display table of :meth:`MethodComparison.paired_table`: labels, ``diff [lo, hi]``, the reading."""
+    return pd.DataFrame({
+        "finding": paired["finding"],
+        "comparison": [f"{_methods.label(a)} − {_methods.label(b)}" for a, b in zip(paired["a"], paired["b"])],
+        f"worst-group accuracy difference [{round(100 * ci_level)}% paired interval]": [
+            conclusions.interval_text(d, lo, hi, signed=True)
+            for d, lo, hi in zip(paired["diff"], paired["lo"], paired["hi"])],
+        "paired seeds": paired["n_pairs"],
+        "interval": [conclusions.interval_reading(lo, hi) for lo, hi in zip(paired["lo"], paired["hi"])]})
+
+
+def recovery_display(recovery: pd.DataFrame) -> pd.DataFrame:
+    """Display table of the recovery rows: arm, share of the oracle's gain [interval], the oracle's gain."""
+    if recovery.empty:
+        return pd.DataFrame({"note": ["no oracle arm in this run: no share of its gain"]})
+
+    def share(r):
+        if not math.isfinite(r.share):
+            return "not stated (" + (r.reason or "no reliable gain") + ")"
+        rng = f" [{r.lo:.0%}, {r.hi:.0%}]" if math.isfinite(r.lo) and math.isfinite(r.hi) else ""
+        return f"{r.share:.0%}{rng}"
+    return pd.DataFrame({
+        "finding": recovery["finding"], "arm": [_methods.label(m) for m in recovery["method"]],
+        "share of the oracle's gain": [share(r) for r in recovery.itertuples()],
+        "oracle − ERM (worst-group accuracy)": [conclusions.interval_text(g, lo, hi, signed=True) for g, lo, hi in
+                                                zip(recovery["gain"], recovery["gain_lo"], recovery["gain_hi"])]})
+
+
+def _recovery(mc: MethodComparison, arms: list[str]) -> pd.DataFrame:
+    ceiling = ceiling_arm()
+    if ceiling not in arms or BASELINE not in arms:
+        return pd.DataFrame(columns=["finding", "method", "share", "lo", "hi", "gain", "gain_lo", "gain_hi",
+                                     "n_seeds", "reason"])
+    tracked = [m for m in arms if _methods.get(m).retrained and m not in (BASELINE, ceiling)]
+    frames = [mc.recovery(method=m, ceiling=ceiling, baseline=BASELINE) for m in tracked]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return _recovery(mc, [])
+    out = pd.concat(frames, ignore_index=True)  # arms in registry order within each finding
+    out["_f"] = out["finding"].map({f: i for i, f in enumerate(mc.findings)})
+    return out.sort_values("_f", kind="stable").drop(columns="_f").reset_index(drop=True)
+
+
+def _leaders(mc: MethodComparison, wga: pd.DataFrame) -> pd.DataFrame:
+    frames = []
+    for f in mc.findings:
+        best = analysis.best_method(wga, f)
+        others = [m for m in _methods.order(wga.loc[wga["finding"] == f, "method"]) if m != best]
+        frames.append(mc.paired_table(pairs=[(best, m) for m in others], findings=[f]).assign(best=best))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _synthetic(run) -> bool:
+    """Whether stage 01 read synthetic data (its manifest's ``summary.data``, as the privacy policy reads it)."""
+    summary = (run.manifest("01_cohort") or {}).get("summary") or {}
+    return bool((summary.get("data") or {}).get("synthetic", summary.get("synthetic", False)))
+
+
+def _quotes(res: Result, ci_level: float, synthetic: bool) -> tuple[dict, dict]:
+    f = res.primary
+    w = res.wga.set_index(["finding", "method"])
+    q = {"primary_finding": f, "group_noun": res.noun,
+         "cluster_unit": "patients" if res.comparison.cluster_unit == "patient" else "images"}
+    for m in _methods.order():  # every arm the pages may quote; "not run" when absent
+        q[f"wga_{m}"] = (conclusions.interval_text(*w.loc[(f, m), ["wga", "lo", "hi"]]) if (f, m) in w.index
+                         else "not run")
+    erm_worst = str(w.loc[(f, BASELINE), "worst_group"])
+    q["wga_worst_group_erm"] = erm_worst
+    best = res.leaders.loc[res.leaders["finding"] == f, "best"]
+    best = str(best.iloc[0]) if len(best) else analysis.best_method(res.wga, f)
+    q["best_wga_method"] = _methods.label(best)
+    q["leader_sentence"] = conclusions.leader_sentence(best, *w.loc[(f, best), ["wga", "lo", "hi"]],
+                                                       res.leaders[res.leaders["finding"] == f], ci_level)
+    q["paired_summary"] = " ".join(conclusions.paired_sentence(r.a, r.b, r.diff, r.lo, r.hi, ci_level=ci_level)
+                                   for r in res.paired[res.paired["finding"] == f].itertuples())
+    rec = conclusions.recovery_sentences(res.recovery[res.recovery["finding"] == f].assign(finding=None),
+                                         ceiling_arm(), BASELINE)
+    q["recovery_summary"] = " ".join(rec) if rec else conclusions.no_ceiling_sentence(ceiling_arm(), synthetic)
+    n = {"n_findings": len(res.findings), "n_seeds": res.n_seeds, "n_boot": res.comparison.n_boot,
+         "ci_pct": round(100 * ci_level), "d3m_removed_total": float("nan")}
+    src = res.source[(res.source["finding"] == f) & (res.source["method"] == STUDY_ARM)].set_index("group")
+    if src.empty:
+        for k in ("d3m_change_worst", "d3m_change_overall", "d3m_change_worst_sentence"):
+            q[k] = f"not run ({_methods.label(STUDY_ARM)} is not among this run's arms)"
+        return q, n
+    g, o = src.loc[erm_worst], src.loc[OVERALL]
+    q["d3m_change_worst"] = conclusions.interval_text(g["change"], g["change_lo"], g["change_hi"], signed=True)
+    q["d3m_change_overall"] = conclusions.interval_text(o["change"], o["change_lo"], o["change_hi"], signed=True)
+    q["d3m_change_worst_sentence"] = conclusions.change_sentence(
+        STUDY_ARM, BASELINE, erm_worst, g["change"], g["change_lo"], g["change_hi"], res.noun, ci_level)
+    if "change_n" in src.columns:
+        n["d3m_removed_total"] = float(-o["change_n"])
+    return q, n
+
+
+def run(stage, progress: bool = False) -> Result:
+    """Compute every table of stage 06, save them in ``stage.dir`` and finish the stage."""
+    from tqdm.auto import tqdm
+
+    cfg, rd = stage.cfg, stage.run
+    d05 = rd.require("05_d3m")
+    predictions = pd.read_parquet(d05 / "predictions.parquet")
+    selections = pd.read_parquet(d05 / "selections.parquet")
+    cohort = rd.cohort(columns=["row", "group", "split", "subject_id"])  # patients: the bootstrap unit
+    mc = MethodComparison(predictions, selections, cohort, n_boot=cfg.n_boot, ci_level=cfg.ci_level,
+                          seed=cfg.stats_seed, min_group_n=cfg.min_group_n)
+    findings, arms = mc.findings, list(_methods.order(mc.methods()))
+    if BASELINE not in arms:
+        raise ValueError(f"stage 05 has no '{BASELINE}' predictions: every comparison is against it")
+    tables, source, forest, auroc = {}, [], [], []
+    for f in tqdm(findings, desc="per-group tables", disable=not progress):
+        tables[f] = analysis.comparison_table(mc, f)
+        src = pd.concat([mc.source_table(f, m).rename(columns={BASELINE: "baseline", f"{BASELINE}_lo": "baseline_lo",
+                                                               f"{BASELINE}_hi": "baseline_hi", m: "value",
+                                                               f"{m}_lo": "lo", f"{m}_hi": "hi"}).assign(method=m)
+                         for m in _methods.order(mc.methods(f)) if m != BASELINE], ignore_index=True)
+        src.to_csv(stage.path(f"source_{f.replace(' ', '_')}.csv"), index=False)
+        source.append(src)
+        forest.append(mc.forest_data(f))
+        auroc.append(mc.per_group(f, metric="auroc", methods=list(_methods.order(mc.methods(f)))))
+    wga = mc.worst_group_table()
+    res = Result(
+        comparison=mc, findings=findings, arms=arms, n_seeds=int(predictions["seed"].nunique()),
+        noun=group_noun(cfg), tables=tables, source=pd.concat(source, ignore_index=True), wga=wga,
+        wga_change=mc.wga_change(), paired=mc.paired_table(), recovery=_recovery(mc, arms),
+        forest=pd.concat(forest, ignore_index=True), auroc=pd.concat(auroc, ignore_index=True),
+        underdiagnosis=mc.underdiagnosis() if NO_FINDING in findings else None, leaders=_leaders(mc, wga))
+    res.sentences = {"paired": conclusions.paired_sentences(res.paired, ci_level=cfg.ci_level),
+                     "recovery": conclusions.recovery_sentences(res.recovery, ceiling_arm(), BASELINE)}
+    res.quotes, res.numbers = _quotes(res, cfg.ci_level, _synthetic(rd))
+    for name, t in (("worst_group", wga), ("wga_change", res.wga_change), ("paired", res.paired),
+                    ("recovery", res.recovery), ("forest", res.forest), ("auroc", res.auroc),
+                    ("underdiagnosis", res.underdiagnosis)):
+        if t is not None:
+            t.to_csv(stage.path(f"{name}.csv"), index=False)
+    stage.path("sentences.json").write_text(json.dumps({**res.sentences, "quotes": res.quotes}, indent=1))
+    stage.finish({"findings": findings, "arms": arms, "best_wga_method": res.quotes["best_wga_method"],
+                  "n_reliable_pairs": int(res.paired["excludes_zero"].sum()) if len(res.paired) else 0,
+                  "cluster_unit": mc.cluster_unit})
+    return res

@@ -1,0 +1,117 @@
+"""Stage 06 (stages.compare.run) on the fake run of test_analysis, extended with oracle and auto_random arms."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_analysis import build_fake_run
+
+from d3m_lib import methods
+from d3m_lib.rundir import RunDir, open_stage
+from d3m_lib.stages import compare
+
+
+def _add_arms(run_dir):
+    """Add oracle (clearly better on every group) and auto_random (= random) rows to stage 05's tables."""
+    d05 = RunDir(run_dir).stage_dir("05_d3m")
+    p = pd.read_parquet(d05 / "predictions.parquet")
+    erm = p[p["method"] == "erm"].copy()
+    oracle = erm.assign(method="oracle", pred=erm["y"])  # a perfect model: a gain far outside any noise
+    auto_random = p[p["method"] == "random"].assign(method="auto_random")
+    pd.concat([p, oracle, auto_random], ignore_index=True).to_parquet(d05 / "predictions.parquet", index=False)
+    s = pd.read_parquet(d05 / "selections.parquet")
+    extra = [s[s["method"] == "random"].assign(method=m) for m in ("oracle", "auto_random")]
+    pd.concat([s, *extra], ignore_index=True).to_parquet(d05 / "selections.parquet", index=False)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    d = build_fake_run(tmp_path_factory.mktemp("cmp"), with_trak=False)
+    _add_arms(d["run_dir"])
+    stage = open_stage("06_per_race", d["run_dir"])
+    return stage, compare.run(stage)
+
+
+def test_arms_follow_the_registry(result):
+    _, res = result
+    assert res.arms == list(methods.order(res.arms))
+    assert {"oracle", "auto_random"} <= set(res.arms)
+    assert res.comparison.cluster_unit == "patient" and res.quotes["cluster_unit"] == "patients"
+
+
+def test_paired_table_has_every_reviewer_pair(result):
+    _, res = result
+    pairs = set(zip(res.paired["a"], res.paired["b"]))
+    assert pairs == {("d3m", "random"), ("d3m", "erm"), ("auto_d3m", "auto_random"), ("auto_d3m", "random"),
+                     ("oracle", "erm"), ("d3m", "balanced")}
+    oracle = res.paired[(res.paired["a"] == "oracle")]
+    assert oracle["excludes_zero"].all() and (oracle["lo"] > 0).all()   # the perfect arm is reliably better
+    assert ((res.paired["lo"] <= res.paired["diff"] + 1e-12) & (res.paired["diff"] <= res.paired["hi"] + 1e-12)).all()
+
+
+def test_recovery_of_the_oracle_gain(result):
+    _, res = result
+    rec = res.recovery
+    assert set(rec["method"]) == {"d3m", "random", "balanced", "auto_d3m", "auto_random"}
+    assert list(dict.fromkeys(rec["method"])) == list(methods.order(rec["method"]))
+    assert np.isfinite(rec["share"]).all() and (rec["share"] < 1).all()  # nobody beats a perfect model
+    w = res.wga.set_index(["finding", "method"])
+    f = res.primary
+    expect = (w.loc[(f, "d3m"), "wga"] - w.loc[(f, "erm"), "wga"]) / (w.loc[(f, "oracle"), "wga"]
+                                                                     - w.loc[(f, "erm"), "wga"])
+    got = rec[(rec["finding"] == f) & (rec["method"] == "d3m")]["share"].iloc[0]
+    assert got == pytest.approx(expect)
+    assert "D3M recovers" in res.quotes["recovery_summary"]
+
+
+def test_files_the_runner_reads(result, tmp_path):
+    stage, res = result
+    from d3m_lib import runner
+
+    w = pd.read_csv(stage.path("wga_change.csv"))
+    assert {"finding", "method", "change", "lo", "hi"} <= set(w.columns) and len(w) == len(res.wga_change)
+    assert set(w["method"]) == set(res.arms) - {"erm"}
+    assert runner.write_headline_figure(stage.run, tmp_path / "headline.png").is_file()
+    for name in ("worst_group", "paired", "recovery", "forest", "auroc", "underdiagnosis"):
+        assert stage.path(f"{name}.csv").is_file(), name
+    assert stage.path("source_No_Finding.csv").is_file()
+    assert json.loads(stage.path("sentences.json").read_text())["quotes"]["primary_finding"] == res.primary
+    assert (stage.run.manifest("06_per_race") or {}).get("complete")
+
+
+def test_quotes_claim_only_where_the_interval_excludes_zero(result):
+    _, res = result
+    for s, r in zip(res.sentences["paired"], res.paired.itertuples()):
+        assert ("excludes 0" in s) == bool(r.excludes_zero)
+        assert ("better" in s or "worse" in s) == bool(r.excludes_zero)
+    q = res.quotes
+    for m in methods.order():
+        assert q[f"wga_{m}"] != ""
+    assert "race group" in q["d3m_change_worst_sentence"]
+    reliable = "excludes 0" in q["d3m_change_worst_sentence"]
+    assert reliable == ("improved" in q["d3m_change_worst_sentence"] or "worsened" in q["d3m_change_worst_sentence"])
+    assert q["leader_sentence"].startswith("The highest point estimate")
+    assert res.numbers["n_seeds"] == 2 and res.numbers["d3m_removed_total"] > 0
+
+
+def test_display_tables(result):
+    _, res = result
+    d = compare.paired_display(res.paired)
+    assert len(d) == len(res.paired) and "D3M − random" in set(d["comparison"])
+    r = compare.recovery_display(res.recovery)
+    assert len(r) == len(res.recovery) and r.iloc[0, 2].endswith("]")
+    assert "note" in compare.recovery_display(res.recovery.iloc[:0]).columns
+    assert res.underdiagnosis is not None and set(res.underdiagnosis["metric"]) == {"fpr"}
+
+
+def test_without_an_oracle_the_sentence_says_why(tmp_path):
+    d = build_fake_run(tmp_path, with_trak=False)   # synthetic (summary.data.synthetic), no oracle arm
+    run = RunDir(d["run_dir"])
+    m = run.manifest("01_cohort")
+    m["summary"].pop("synthetic")   # what stage 01 records: the facts live under summary.data
+    run._write_manifest("01_cohort", m)
+    res = compare.run(open_stage("06_per_race", d["run_dir"]))
+    assert res.recovery.empty and "add 'oracle' to `methods`" in res.quotes["recovery_summary"]
