@@ -109,13 +109,13 @@ def _fake_trak(run, cohort, finding, seed):
 
     from d3m_lib import attribution, image_cache, models
 
-    ck = run.path / "03_baseline" / finding.replace(" ", "_") / f"seed{seed}" / "epoch_15.pt"
+    ck = run.path / "03_baseline" / finding.replace(" ", "_") / f"seed{seed}" / "epoch_05.pt"
     ck.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     torch.save(models.build_model("resnet9", num_outputs=1, width=4).state_dict(), ck)
     images = image_cache.open_cache(run.path / "01_cohort" / "image_cache", FAKE_PX)
     cfg = SimpleNamespace(arch="resnet9", width=4, image_size=FAKE_PX, norm_mean=0.0, norm_std=1.0)
-    sc = attribution.baseline_scorer(run.path, finding, seed, cohort, images, cfg, [15], proj_dim=16,
+    sc = attribution.baseline_scorer(run.path, finding, seed, cohort, images, cfg, [5], proj_dim=16,
                                      lambda_reg=0.0, batch_size=128, projector_seed=0)
     sc.featurize()
 
@@ -125,7 +125,7 @@ def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True) -> dict:
     rng = np.random.default_rng(seed)
     run = RunDir(root / "run")
     cfg = config.resolve({"image_size": FAKE_PX, "width": 4, "min_group_n": 5, "n_boot": 50,
-                          "n_targets": 2, "n_top": 4, "trak_checkpoints": [15]})
+                          "n_targets": 2, "n_top": 4, "trak_checkpoints": [5]})
     run.write_config(cfg)
     data = root / "data" / "mimic-cxr-jpg"
     data.mkdir(parents=True)
