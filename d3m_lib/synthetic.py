@@ -801,7 +801,7 @@ def planted_ground_truth(run, override: str | Path | None = None) -> pd.DataFram
             raise FileNotFoundError(f"synthetic_ground_truth={str(override)!r} does not exist")
         return pd.read_csv(path, dtype=str)
     summary = (run.manifest("01_cohort") or {}).get("summary", {})
-    if not summary.get("synthetic"):
+    if not (summary.get("synthetic") or (summary.get("data") or {}).get("synthetic")):
         return None
     path = run.path / summary["synthetic_dir"] / GROUND_TRUTH_FILE  # relative to the run (or absolute)
     if not path.exists():
