@@ -43,7 +43,7 @@ class Param:
     help: str
     stages: tuple[str, ...]
     kind: str = "stage"               # "stage": enters fingerprints; "view": display/speed only
-    type: str = "str"                 # int, float, bool, str, path, int_list, str_list, any
+    type: str = "str"                 # int, float, bool, str, path, int_list, float_list, str_list, any
     choices: tuple | None = None
     nullable: bool = False
     check: Callable[[Any], str | None] | None = None   # returns what is wrong, or None
@@ -82,15 +82,29 @@ def _findings(v):
     return _unique_nonempty(v)
 
 
-METHODS = ("d3m", "random", "balanced", "auto_d3m")
+def _selectable() -> tuple[str, ...]:
+    from . import methods
+
+    return methods.selectable()
+
+
+METHODS = _selectable()   # the registry's selectable arms (d3m_lib.methods)
 
 
 def _methods(v):
+    if v is None:
+        return None
     bad = [m for m in v if m not in METHODS]
     if bad:
         hints = {b: difflib.get_close_matches(b, METHODS, n=1) for b in bad}
         said = ", ".join(f"{b!r}" + (f" (did you mean {hints[b][0]!r}?)" if hints[b] else "") for b in bad)
         return f"unknown method(s) {said}; choose from {', '.join(METHODS)}"
+    return _unique_nonempty(v)
+
+
+def _fractions(v):
+    if v is not None and any(not 0 < x < 1 for x in v):
+        return "every entry must be a share of the training images strictly between 0 and 1"
     return _unique_nonempty(v)
 
 
@@ -171,7 +185,7 @@ PARAMS: tuple[Param, ...] = (
     P("findings", None, "explicit list of CheXpert findings; null: the scan's top-k", (S02,),
       type="str_list", nullable=True, check=_findings),
     P("min_group_n", 15, "labelled images a group needs in each split (eligibility, worst group)",
-      (S02, S06, S07), type="int", check=_range(1)),
+      (S02, S05, S06, S07), type="int", check=_range(1)),
     P("min_group_pos", 5, "positives a group needs in each split for a finding to be eligible", (S02,),
       type="int", check=_range(0)),
     # -- TRAK --------------------------------------------------------------------------------
@@ -197,18 +211,28 @@ PARAMS: tuple[Param, ...] = (
     P("trak_lds_targets", 100, "validation images whose margins LDS predicts (at least 100)", (S04,),
       type="int", check=_range(100)),
     # -- D3M -------------------------------------------------------------------------------------
+    P("d3m_groups", "race", "groups D3M weighs on validation: race, or race_x_label (race x label, as the "
+      "D3M paper's (class, attribute) groups: can aim at one race's positives)", (S05,),
+      choices=("race", "race_x_label")),
     P("d3m_weighting", "softmax", "softmax (source study) or linear (public D3M code)", (S05,),
       choices=("softmax", "linear")),
     P("d3m_beta", 1.0, "softmax temperature on the group losses", (S05,), type="float", check=_range(0)),
-    P("d3m_selection", "negative", "negative (drop A_i < 0) or k_lowest (drop d3m_k images)", (S05,),
-      choices=("negative", "k_lowest")),
+    P("d3m_selection", "validated_k", "validated_k (drop the k lowest, k chosen on validation worst-group "
+      "accuracy from d3m_k_grid, as the D3M paper tunes it), negative (drop A_i < 0) or k_lowest (drop d3m_k)",
+      (S05,), choices=("validated_k", "negative", "k_lowest")),
     P("d3m_k", None, "images to drop when d3m_selection is k_lowest", (S05,), type="int", nullable=True,
       check=_range(1)),
+    P("d3m_k_grid", [0.02, 0.05, 0.1], "removal curve: shares of the training images removed (k = share x "
+      "n_train); each point retrains D3M, Auto-D3M and count-matched random", (S05,), type="float_list",
+      check=_fractions),
+    P("d3m_curve_seeds", 1, "removal curve on the first this many seeds (validated k: their mean validation "
+      "worst-group accuracy)", (S05,), type="int", check=_range(1)),
     P("d3m_auto_method", "pca_per_class", "Auto-D3M pseudo-groups: pca_per_class (the D3M paper: per class, "
       "L2-normalised score rows, sign of the top PC), pca (one PCA over all) or kmeans", (S05,),
       choices=("pca_per_class", "pca", "kmeans")),
-    P("methods", ["d3m", "random", "balanced", "auto_d3m"], "selections to retrain", (S05,),
-      type="str_list", check=_methods),
+    P("methods", None, "selections to retrain (d3m_lib.methods); null: every arm the data allows (on "
+      "synthetic data d3m, random, balanced, auto_d3m, auto_random and oracle; on real data all but oracle)",
+      (S05,), type="str_list", nullable=True, check=_methods),
     P("synthetic_ground_truth", None, "planted_ground_truth.csv.gz; null: the one beside the synthetic "
       "cohort", (S05,), type="path", nullable=True),
     # -- error analysis ------------------------------------------------------------------------------
@@ -244,6 +268,10 @@ def _check_type(p: Param, v: Any) -> tuple[Any, str | None]:
     if t == "int_list":
         ok = isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
         return (list(v), None) if ok else (v, "must be a list of integers, e.g. [0, 1, 2]")
+    if t == "float_list":
+        ok = isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                  and math.isfinite(x) for x in v)
+        return ([float(x) for x in v], None) if ok else (v, "must be a list of numbers, e.g. [0.02, 0.05]")
     if t == "str_list":
         ok = isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
         return (list(v), None) if ok else (v, "must be a list of names, e.g. [a, b]")
@@ -292,8 +320,11 @@ def _check_combination(c: Mapping[str, Any], base: Path | None) -> list[str]:
                     f"{list(range(max(1, ea - 2), ea + 1))}")
     if c["d3m_selection"] == "k_lowest" and c["d3m_k"] is None:
         errs.append("parameter 'd3m_k' must be set when d3m_selection is 'k_lowest'")
-    if "random" in c["methods"] and "d3m" not in c["methods"]:
-        errs.append("parameter 'methods': 'random' removes as many images as 'd3m', so it needs 'd3m'")
+    from . import methods as methods_mod
+
+    dataset = "synthetic" if c["dataset"] == "mimic" and c["synthetic"] else c["dataset"]
+    if c["methods"] is not None:
+        errs.extend(methods_mod.validate(c["methods"], dataset, has_ground_truth=True))
     if c["dataset"] == "mimic" and not c["synthetic"]:
         for k in ("mimic_cxr_dir", "mimic_iv_dir"):
             if c[k] is None:

@@ -23,6 +23,7 @@ from sklearn.cluster import KMeans
 
 WEIGHTINGS = ("softmax", "linear")
 RULES = ("negative", "k_lowest")
+SELECTIONS = ("validated_k",) + RULES   # validated_k: k_lowest with k chosen on validation (stage 05)
 
 
 def group_losses(y, logits, groups) -> pd.Series:
@@ -40,6 +41,41 @@ def group_losses(y, logits, groups) -> pd.Series:
     return pd.Series(loss).groupby(groups).mean().sort_index().rename("loss")
 
 
+GROUPINGS = ("race", "race_x_label")
+
+
+def d3m_groups(groups, y, how: str = "race") -> np.ndarray:
+    """The groups D3M weighs: ``race`` (the protected group) or ``race_x_label``.
+
+    ``race_x_label`` crosses the group with the 0/1 label (``"Black | y=1"``), as the
+    D3M paper's (class, attribute) groups: the weighting can then aim at, say, the
+    positive images of one group (underdiagnosis).
+    """
+    groups = np.asarray(groups).astype(str)
+    if how == "race":
+        return groups
+    if how != "race_x_label":
+        raise ValueError(f"d3m_groups={how!r}; expected one of {GROUPINGS}")
+    y = np.asarray(y, dtype=np.float64)
+    if len(y) != len(groups) or np.isnan(y).any():
+        raise ValueError("d3m_groups: race_x_label needs a 0/1 label for every image")
+    return np.array([f"{g} | y={int(v)}" for g, v in zip(groups, y)], dtype=object)
+
+
+def group_weights(group_loss: pd.Series, weighting: str = "softmax", beta: float = 1.0) -> pd.Series:
+    """The weight of each group in ``A_i`` (index = group): softmax of ``beta l_g``, or ``l_g / G``."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"d3m_weighting={weighting!r}; expected one of {WEIGHTINGS}")
+    l = group_loss.to_numpy(dtype=np.float64)
+    if weighting == "softmax":
+        z = beta * l
+        w = np.exp(z - z.max())
+        w = w / w.sum()
+    else:
+        w = l / len(l)
+    return pd.Series(w, index=group_loss.index, name="weight")
+
+
 def alignment_scores(tau: pd.DataFrame, group_loss: pd.Series, weighting: str = "softmax",
                      beta: float = 1.0) -> pd.Series:
     """Group alignment score ``A_i`` per training image (index of ``tau``).
@@ -53,14 +89,58 @@ def alignment_scores(tau: pd.DataFrame, group_loss: pd.Series, weighting: str = 
     missing = [g for g in tau.columns if g not in group_loss.index]
     if missing:
         raise KeyError(f"no validation loss for groups {missing} (tau columns {list(tau.columns)})")
-    l = group_loss.loc[list(tau.columns)].to_numpy(dtype=np.float64)
-    if weighting == "softmax":
-        z = beta * l
-        w = np.exp(z - z.max())
-        w = w / w.sum()
-    else:
-        w = l / len(l)
+    w = group_weights(group_loss.loc[list(tau.columns)], weighting, beta).to_numpy()
     return pd.Series(tau.to_numpy(dtype=np.float64) @ w, index=tau.index, name="score")
+
+
+def group_tau(train_factor, val_grads: np.ndarray, groups, train_rows) -> pd.DataFrame:
+    """``tau(g)_i = mean_{z in g} T[i, z]`` from factored scores ``T = M G^T``, for any grouping.
+
+    ``train_factor``: ``M`` or its row blocks (as :func:`auto_d3m_per_class`); ``val_grads``:
+    ``G`` (``n_val x k``); ``groups``: one label per validation image. Columns sorted.
+    """
+    G = np.asarray(val_grads, dtype=np.float64)
+    groups = np.asarray(groups).astype(str)
+    if len(groups) != len(G):
+        raise ValueError(f"{len(G)} validation gradients but {len(groups)} group labels")
+    names = sorted(set(groups))
+    means = np.stack([G[groups == g].mean(axis=0) for g in names], axis=1)
+    tau = np.zeros((len(train_rows), len(names)))
+    n = 0
+    for s0, b in _factor_blocks(train_factor):
+        tau[s0:s0 + len(b)] = np.asarray(b, dtype=np.float64) @ means
+        n += len(b)
+    if n != len(train_rows):
+        raise ValueError(f"train_factor has {n} rows but train_rows {len(train_rows)}")
+    return pd.DataFrame(tau, index=pd.Index(np.asarray(train_rows), name="row"), columns=names)
+
+
+def weighting_table(tau: pd.DataFrame, group_loss: pd.Series, k: int, reference: pd.Series,
+                    planted=None, betas=(0.0, 1.0, 5.0, 20.0)) -> pd.DataFrame:
+    """How the weighting changes the selection, without retraining.
+
+    One row per setting (softmax at each of ``betas``, then linear): the weight of
+    each group (``w_<group>`` columns), ``changed``, the share of the ``k`` removed
+    images that differ from ``reference`` (the run's own removed set, a kept mask),
+    and, with ``planted`` (bool per training image), the precision and recall of the
+    ``k`` lowest against the planted harmful images.
+    """
+    ref_removed = ~np.asarray(reference, dtype=bool)
+    rows = []
+    for weighting, beta in [("softmax", float(b)) for b in betas] + [("linear", float("nan"))]:
+        w = group_weights(group_loss.loc[list(tau.columns)], weighting, 1.0 if weighting == "linear" else beta)
+        removed = ~select(alignment_scores(tau, group_loss, weighting, beta if beta == beta else 1.0),
+                          "k_lowest", k).to_numpy()
+        rec = {"weighting": weighting, "beta": beta, "k": int(k),
+               "changed": float((removed & ~ref_removed).sum() / max(int(removed.sum()), 1))}
+        rec.update({f"w_{g}": float(v) for g, v in w.items()})
+        if planted is not None:
+            p = np.asarray(planted, dtype=bool)
+            hit = int((removed & p).sum())
+            rec.update(precision=hit / max(int(removed.sum()), 1), recall=hit / max(int(p.sum()), 1),
+                       n_planted=int(p.sum()))
+        rows.append(rec)
+    return pd.DataFrame(rows)
 
 
 def select(scores: pd.Series, rule: str = "negative", k: int | None = None) -> pd.Series:

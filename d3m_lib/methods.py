@@ -177,6 +177,14 @@ def selectable() -> tuple[str, ...]:
     return tuple(m for m in order() if REGISTRY[m].retrained and m != "erm")
 
 
+def for_data(methods, dataset: str) -> list[str]:
+    """The arms a run retrains: ``methods`` as given, or (None) every selectable arm the data allows
+    (the oracle only on synthetic data, where the planted ground truth exists)."""
+    if methods is not None:
+        return list(methods)
+    return [m for m in selectable() if not (REGISTRY[m].needs_ground_truth and dataset != "synthetic")]
+
+
 def run_order(methods) -> list[str]:
     """``methods`` with every count-matched arm after the arm it copies."""
     ms = list(order(methods))

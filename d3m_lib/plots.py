@@ -349,3 +349,33 @@ def removed_kept_figure(rk: dict, policy, title: str = ""):
     d = np.asarray(rk["difference"], dtype=float)
     scaled = {"difference (removed - kept)": 127.5 + 127.5 * d / max(float(np.abs(d).max()), 1e-9)}
     return mean_images({**rk["means"], **scaled}, policy, title=title)
+
+
+def removal_curve(curve: pd.DataFrame, chosen: pd.DataFrame | None = None, title: str = ""):
+    """Worst-group accuracy against the number of training images removed (stage 05's ``curve``).
+
+    One panel per split (validate, test); one line per method (mean over the curve's
+    seeds, k = 0 is continued ERM); dashed verticals: the k each method chose on
+    validation; dotted grey: the heuristic's count (images with ``A_i < 0``).
+    """
+    splits = [s for s in ("validate", "test") if s in set(curve["split"])]
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.2), squeeze=False, sharey=True)
+    ms = ordered_methods(curve["method"].unique())
+    colors = method_colors(ms)
+    for ax, split in zip(axes[0], splits):
+        c = curve[curve["split"] == split]
+        for m in ms:
+            line = c[c["method"] == m].groupby("k")["wga"].mean().sort_index()
+            ax.plot(line.index, line.to_numpy(), "o-", color=colors[m], label=_methods.label(m), ms=4)
+        if chosen is not None and len(chosen):
+            for _, r in chosen.iterrows():
+                if pd.notna(r["k"]) and r["method"] in colors:
+                    ax.axvline(r["k"], color=colors[r["method"]], ls="--", lw=0.9)
+            ax.axvline(chosen["heuristic_k"].iloc[0], color="grey", ls=":", lw=1.2, label="A_i < 0 count")
+        ax.set_xlabel("training images removed (k)")
+        ax.set_title(f"{split}")
+    axes[0][0].set_ylabel("worst-group accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -4,16 +4,18 @@ The schedule, as in the source study:
 
 1. **anchor**: train epochs 1..``epochs_anchor`` (5) from scratch on all
    training rows; keep ``epoch_05.pt``. TRAK featurizes these checkpoints.
-2. **continue**: a *second* call trains epochs 6..15 starting from
-   ``epoch_05.pt`` with a fresh optimizer. Continued ERM makes this call on
-   all training rows; D3M and the controls make the same call on a subset.
-   ERM and D3M therefore differ only in the rows they are given.
+2. **continue**: :func:`continue_training` starts from ``epoch_05.pt`` with a
+   fresh optimizer and takes a fixed number of optimizer steps (ERM's count,
+   ``epochs_more * ceil(n_train / batch_size)``) under its own warm-restart
+   schedule (:func:`continue_lr_at`). Continued ERM makes this call on all
+   training rows; D3M and the controls make it on their kept rows, drawn in
+   reshuffled passes until the budget is spent (:func:`continuation_batches`).
+   Every arm therefore gets the same steps and learning rates and differs only
+   in the rows it is given.
 
-``train(cfg, ..., epochs=(5, 15), init_checkpoint=".../epoch_05.pt")`` is that
-second call; :func:`continue_training` spells it out. The learning-rate
-schedule is a function of the *fractional epoch over the full horizon*
-(``epochs_anchor + epochs_more``), so the second call continues the same curve
-whatever the number of rows it is given.
+``train(cfg, ..., epochs=(5, 15), init_checkpoint=...)`` still trains by
+epochs under :func:`lr_at` (the anchor's schedule); the study's continuation
+is :func:`continue_training`.
 
 On CPU training is deterministic (same seed -> identical checkpoints): the
 shuffling of epoch ``e`` depends only on ``(seed, e)``, initialisation on
@@ -386,17 +388,150 @@ def train(cfg: TrainConfig, images: np.ndarray, rows, y, epochs, out_dir: str | 
     return hist
 
 
-def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_checkpoint: str | Path,
-                      out_dir: str | Path, val=None, num_outputs: int = 1,
-                      progress: bool = True) -> pd.DataFrame:
-    """The second call of the schedule: epochs ``epochs_anchor+1 .. epochs_anchor+epochs_more``
-    from ``anchor_checkpoint`` (the baseline's ``epoch_05.pt``) on ``rows``.
+def continuation_steps(cfg: TrainConfig, n_train: int) -> int:
+    """The continuation's step budget: what ERM takes over ``epochs_more`` passes of ``n_train`` rows.
 
-    Continued ERM passes all training rows, D3M and the controls a subset;
-    everything else (seed, schedule, fresh optimizer) is identical.
+    Every arm (continued ERM, D3M, the controls) gets this many optimizer steps,
+    whatever its kept count: ``epochs_more * ceil(n_train / batch_size)`` with
+    ``n_train`` the finding's full training set.
     """
-    return train(cfg, images, rows, y, epochs=(cfg.epochs_anchor, cfg.total_epochs), out_dir=out_dir,
-                 init_checkpoint=anchor_checkpoint, val=val, num_outputs=num_outputs, progress=progress)
+    return int(cfg.epochs_more) * max(1, math.ceil(int(n_train) / cfg.batch_size))
+
+
+def continue_lr_at(cfg: TrainConfig, step: float, total_steps: int) -> float:
+    """Learning rate of the continuation at ``step`` of ``total_steps`` (a warm restart).
+
+    Independent of the anchor's schedule (:func:`lr_at`): the continuation restarts
+    at step 0 with a linear warm-up to ``lr`` over ``warmup_epochs / epochs_more``
+    of the budget, then decays to 0 at ``total_steps`` (``triangle``: linearly,
+    ``cosine``: cosine) or stays at ``lr`` (``constant``). Same curve for every arm,
+    because every arm has the same ``total_steps``.
+    """
+    if cfg.lr_schedule not in SCHEDULES:
+        raise ValueError(f"parameter `lr_schedule` must be one of {SCHEDULES}, got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    total = max(int(total_steps), 1)
+    warm = total * min(cfg.warmup_epochs / max(cfg.epochs_more, 1), 1.0)
+    if warm > 0 and step < warm:
+        return cfg.lr * step / warm
+    frac = min(max((step - warm) / max(total - warm, 1e-12), 0.0), 1.0)
+    if cfg.lr_schedule == "triangle":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def continuation_batches(n_rows: int, cfg: TrainConfig, steps: int) -> list[np.ndarray]:
+    """The sampling rule: ``steps`` batches of positions 0..n_rows-1.
+
+    Reshuffled passes over the kept rows, one after another (pass ``p`` is
+    :func:`epoch_batches` of epoch ``epochs_anchor + 1 + p``), cut at ``steps``:
+    an arm with fewer rows sees each of them more often, the last pass may be
+    partial. For all rows of the finding this is exactly ``epochs_more`` epochs.
+    """
+    out: list[np.ndarray] = []
+    p = 0
+    while len(out) < steps:
+        out.extend(epoch_batches(n_rows, cfg.batch_size, cfg.seed, cfg.epochs_anchor + 1 + p))
+        p += 1
+    return out[:steps]
+
+
+def checkpoint_steps(cfg: TrainConfig, steps: int) -> dict[int, int]:
+    """``{epoch: step}``: the continuation saves ``epoch_<anchor+j>.pt`` after ``round(steps j / epochs_more)``."""
+    e = max(int(cfg.epochs_more), 1)
+    return {cfg.epochs_anchor + j: int(round(steps * j / e)) for j in range(1, e + 1)}
+
+
+def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_checkpoint: str | Path,
+                      out_dir: str | Path, val=None, num_outputs: int = 1, progress: bool = True,
+                      steps: int | None = None, n_reference: int | None = None) -> pd.DataFrame:
+    """The second call of the schedule, with an equal step budget for every arm.
+
+    From ``anchor_checkpoint`` (the baseline's ``epoch_05.pt``), a fresh SGD
+    optimizer takes ``steps`` optimizer steps (default :func:`continuation_steps`
+    of ``n_reference`` rows, itself defaulting to ``len(rows)``) on batches of
+    ``rows`` drawn by :func:`continuation_batches`, with the warm-restart
+    schedule :func:`continue_lr_at`. Continued ERM passes all training rows; D3M
+    and the controls pass their kept rows and ``n_reference`` = all training rows,
+    so every arm trains for the same steps with the same learning rates.
+
+    Saves ``epoch_<anchor+j>.pt`` at each 1/epochs_more of the budget (the last,
+    ``epoch_<anchor+epochs_more>.pt``, is the final model) and appends one
+    history row per checkpoint (``epoch``, ``step``, ``lr``, ``train_loss`` over
+    the steps since the previous checkpoint, ``n_rows``, validation metrics) to
+    ``history.csv``.
+    """
+    from tqdm.auto import tqdm
+
+    rows = np.asarray(rows, dtype=np.int64)
+    y = _check_labels(y, num_outputs)
+    if len(rows) != len(y):
+        raise ValueError(f"{len(rows)} rows but {len(y)} labels")
+    if len(rows) < 2:
+        raise ValueError(f"need at least 2 training rows, got {len(rows)}")
+    if cfg.epochs_more < 1:
+        raise ValueError("continue_training needs epochs_more >= 1")
+    steps = continuation_steps(cfg, len(rows) if n_reference is None else n_reference) if steps is None \
+        else int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not Path(anchor_checkpoint).is_file():
+        raise FileNotFoundError(f"anchor checkpoint not found: {anchor_checkpoint}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    cpu = device.type == "cpu"
+    marks = checkpoint_steps(cfg, steps)
+    batches = continuation_batches(len(rows), cfg, steps)
+    with _deterministic(cpu):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width)
+        model.load_state_dict(torch.load(anchor_checkpoint, map_location="cpu", weights_only=True))
+        model = model.to(device)
+        if not cpu:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=continue_lr_at(cfg, 0, steps), momentum=cfg.momentum,
+                              nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        ds = MemmapBatches(images, rows, y, cfg, augment=cfg.augment)
+        records, total, count, done = [], 0.0, 0, 0
+
+        def save_due():
+            nonlocal total, count
+            for epoch, at in marks.items():
+                if at == done:
+                    rec = {"epoch": epoch, "step": done, "lr": continue_lr_at(cfg, done, steps),
+                           "train_loss": total / count if count else float("nan"), "n_rows": len(rows)}
+                    if val is not None:
+                        rec.update(evaluate(model, cfg, images, *val, num_outputs=num_outputs))
+                    records.append(rec)
+                    _save_atomic(model.state_dict(), out_dir / f"epoch_{epoch:02d}.pt")
+                    total, count = 0.0, 0
+
+        save_due()  # a mark at step 0 (fewer steps than epochs_more) saves the anchor itself
+        model.train()
+        bar = tqdm(total=steps, desc=f"continue {out_dir.name}", disable=not progress, leave=False)
+        for xb, yb in _loader(ds, batches, cfg, device):
+            for group in opt.param_groups:
+                group["lr"] = continue_lr_at(cfg, done, steps)
+            xb, yb = _to(xb, device), yb.to(device, non_blocking=True)
+            with _autocast(device):
+                logits = model(xb)
+            loss = masked_bce(logits, yb, cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(yb)
+            count += len(yb)
+            done += 1
+            bar.update(1)
+            if done in marks.values():
+                save_due()
+                model.train()
+        bar.close()
+    hist = pd.DataFrame(records).sort_values("epoch", kind="stable").reset_index(drop=True)
+    _append_history(out_dir / "history.csv", hist, cfg.epochs_anchor)
+    return hist
 
 
 def _epoch_span(epochs, cfg: TrainConfig) -> tuple[int, int]:

@@ -124,3 +124,25 @@ def test_paper_auto_d3m_per_class_finds_a_split_other_than_the_label():
     assert res.kept.to_numpy()[helps].mean() > res.kept.to_numpy()[~helps].mean()
     with pytest.raises(ValueError, match="rows"):
         d3m.auto_d3m_per_class(M, G[:5], np.arange(n_train), y, logits)
+
+
+def test_race_x_label_tau_from_factors_equals_the_mean_score_of_each_group():
+    from d3m_lib.d3m import d3m_groups, group_tau, group_weights, weighting_table
+
+    rng = np.random.default_rng(1)
+    M, G = rng.normal(size=(40, 6)), rng.normal(size=(30, 6))
+    race = rng.choice(["A", "B"], 30)
+    y = rng.integers(0, 2, 30).astype(float)
+    g = d3m_groups(race, y, "race_x_label")
+    assert set(g) == {"A | y=0", "A | y=1", "B | y=0", "B | y=1"}
+    tau = group_tau(lambda: iter([(0, M[:25]), (25, M[25:])]), G, g, np.arange(40))
+    S = M @ G.T
+    for name in tau.columns:
+        assert np.allclose(tau[name], S[:, g == name].mean(axis=1))
+    loss = pd.Series([0.2, 0.9, 0.3, 0.4], index=tau.columns)
+    w = group_weights(loss, "softmax", 20.0)
+    assert w.idxmax() == "A | y=1" and w.max() > 0.99          # a high beta aims at one race's positives
+    ref = np.ones(40, bool)
+    ref[:5] = False
+    t = weighting_table(tau, loss, 5, ref, planted=np.arange(40) < 5)
+    assert t["k"].eq(5).all() and len(t) == 5 and t["precision"].between(0, 1).all()

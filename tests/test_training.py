@@ -1,13 +1,15 @@
 """training: CPU determinism, the two-call 5 + 10 schedule, loss goes down, predictions, resume."""
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from d3m_lib.training import (TrainConfig, continue_training, epoch_batches, lr_at, masked_bce,
+from d3m_lib.training import (TrainConfig, checkpoint_steps, continuation_batches, continuation_steps,
+                              continue_lr_at, continue_training, epoch_batches, lr_at, masked_bce,
                               predict, run_baseline, task_rows, to_tensor, train)
 
 PX = 16
@@ -62,19 +64,53 @@ def test_two_call_schedule_is_reproducible_and_matches_documented_procedure(tmp_
     # run 1: anchor then continuation in the same folder
     train(c, images, rows, y, (0, 2), tmp_path / "r1", progress=False)
     continue_training(c, images, rows, y, tmp_path / "r1" / "epoch_02.pt", tmp_path / "r1", progress=False)
-    # run 2: anchor in one folder, continuation elsewhere, with the 1-based range form
+    # run 2: anchor with the 1-based range form, continuation elsewhere
     train(c, images, rows, y, range(1, 3), tmp_path / "r2a", progress=False)
-    train(c, images, rows, y, range(3, 5), tmp_path / "r2b", init_checkpoint=tmp_path / "r2a" / "epoch_02.pt",
-          progress=False)
+    continue_training(c, images, rows, y, tmp_path / "r2a" / "epoch_02.pt", tmp_path / "r2b", progress=False)
     assert _same(_weights(tmp_path / "r1" / "epoch_04.pt"), _weights(tmp_path / "r2b" / "epoch_04.pt"))
     hist = pd.read_csv(tmp_path / "r1" / "history.csv")
     assert hist["epoch"].tolist() == [1, 2, 3, 4]
     # a continuation on a subset (D3M) starts from the same anchor and differs only in data
     continue_training(c, images, rows[:30], y[:30], tmp_path / "r1" / "epoch_02.pt", tmp_path / "sub",
-                      progress=False)
+                      progress=False, n_reference=len(rows))
     assert not _same(_weights(tmp_path / "r1" / "epoch_04.pt"), _weights(tmp_path / "sub" / "epoch_04.pt"))
     with pytest.raises(ValueError, match="init_checkpoint"):
         train(c, images, rows, y, (2, 4), tmp_path / "x", progress=False)
+
+
+@pytest.mark.parametrize("kept_fraction", [1.0, 0.75, 0.4, 0.1])
+def test_every_arm_takes_erms_steps_with_the_same_schedule(kept_fraction):
+    c = cfg(batch_size=16, epochs_more=3)
+    n_train = 80
+    budget = continuation_steps(c, n_train)
+    assert budget == 3 * 5
+    n_kept = max(2, int(round(kept_fraction * n_train)))
+    batches = continuation_batches(n_kept, c, budget)
+    assert len(batches) == budget                                  # equal steps, whatever is kept
+    seen = np.bincount(np.concatenate(batches), minlength=n_kept)
+    assert seen.sum() >= budget and seen.min() >= 1                 # every kept row is used
+    assert seen.max() - seen.min() <= 1 + math.ceil(3 * n_train / n_kept) - 3 * n_train // n_kept
+    if kept_fraction == 1.0:   # all rows: exactly epochs_more epochs, the epoch shuffles of train()
+        assert all(np.array_equal(a, b) for a, b in zip(
+            batches, [b for e in (3, 4, 5) for b in epoch_batches(n_train, 16, 0, e)]))
+    lrs = [continue_lr_at(c, s, budget) for s in range(budget + 1)]
+    assert lrs[0] == 0 and max(lrs) == pytest.approx(c.lr) and lrs[-1] == 0   # warm restart, to 0
+    assert checkpoint_steps(c, budget) == {3: 5, 4: 10, 5: 15}
+
+
+def test_continuation_steps_are_counted_and_saved_per_arm(tmp_path):
+    cohort, images = fake_cohort(tmp_path)
+    rows, y, _ = task_rows(cohort, "Cardiomegaly", "train")
+    c = cfg(epochs_anchor=1, epochs_more=2)
+    train(c, images, rows, y, (0, 1), tmp_path / "anchor", progress=False)
+    budget = continuation_steps(c, len(rows))
+    for name, n in (("all", len(rows)), ("half", len(rows) // 2), ("few", 12)):
+        hist = continue_training(c, images, rows[:n], y[:n], tmp_path / "anchor" / "epoch_01.pt",
+                                 tmp_path / name, progress=False, n_reference=len(rows))
+        assert hist["step"].tolist() == [budget // 2, budget] and hist["epoch"].tolist() == [2, 3]
+        assert (tmp_path / name / "epoch_03.pt").exists() and hist["n_rows"].eq(n).all()
+    assert continue_lr_at(c, budget / 2, budget) == pytest.approx(continue_lr_at(cfg(epochs_anchor=7), budget / 2,
+                                                                                 budget))
 
 
 def test_lr_schedule_spans_full_horizon():

@@ -1,0 +1,114 @@
+"""Stage 05 without papermill: a tiny real run (cohort, anchor and continued ERM, a saved TRAK state)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from d3m_lib import config, methods, training
+from d3m_lib.rundir import RunDir
+from d3m_lib.stages import d3m as stage_d3m
+
+FINDING = "Cardiomegaly"
+PX = 16
+
+
+def _tiny_run(root, **over):
+    from test_analysis import _fake_cohort, _write_image_cache
+
+    from d3m_lib import attribution, image_cache
+
+    rng = np.random.default_rng(0)
+    run = RunDir(root / "run")
+    params = {"image_size": PX, "width": 4, "batch_size": 32, "seeds": [0], "epochs_anchor": 1,
+              "epochs_more": 2, "device": "cpu", "min_group_n": 3, "trak_checkpoints": [1],
+              "trak_proj_dim": 16, "d3m_k_grid": [0.05, 0.15], "findings": [FINDING], **over}
+    cfg = config.resolve(params)
+    run.write_config(cfg)
+    data = root / "data" / "mimic-cxr-jpg"
+    data.mkdir(parents=True)
+    st = run.begin("01_cohort", cfg)
+    cohort = _fake_cohort(rng)
+    cohort.to_parquet(st.path("cohort.parquet"), index=False)
+    _write_image_cache(cohort, st.dir / "image_cache", PX, rng)
+    st.finish({"data": {"dataset": "mimic", "synthetic": True}, "synthetic": True,
+               "synthetic_dir": str(data.parent)})
+    tr = cohort[(cohort["split"] == "train") & cohort[FINDING].notna()]
+    gt = tr.sample(12, random_state=0)
+    pd.DataFrame({"dicom_id": gt["image_id"], "finding": FINDING, "kind": "label_flip", "split": "train"}
+                 ).to_csv(data.parent / "planted_ground_truth.csv.gz", index=False)
+    st = run.begin("02_scan", cfg)
+    st.path("chosen_findings.json").write_text(f'["{FINDING}"]')
+    st.finish()
+    images = image_cache.open_cache(run.path / "01_cohort" / "image_cache", PX)
+    st = run.begin("03_baseline", cfg)
+    tcfg = training.TrainConfig.from_params(cfg.values, seed=0)
+    training.run_baseline(tcfg, images, cohort, FINDING, run.model_dir("03_baseline", FINDING, 0), progress=False)
+    st.finish()
+    st = run.begin("04_trak", cfg)
+    sc = attribution.baseline_scorer(run.path, FINDING, 0, cohort, images, tcfg, [1], proj_dim=16,
+                                     lambda_reg=0.0, batch_size=64, projector_seed=0)
+    sc.featurize()
+    va = training.task_rows(cohort, FINDING, "validate")
+    sc.group_scores(va[0], va[2], exp_name="validate").to_parquet(sc.save_dir / "tau.parquet")
+    st.finish()
+    return run, cfg, cohort
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    root = tmp_path_factory.mktemp("d3mstage")
+    run, cfg, cohort = _tiny_run(root)
+    res = stage_d3m.run(run.begin("05_d3m", cfg))
+    return run, cfg, cohort, res
+
+
+def test_every_arm_is_retrained_for_ercms_steps_and_written(result):
+    run, cfg, cohort, res = result
+    n_train = len(training.task_rows(cohort, FINDING, "train")[0])
+    assert set(res.arms["method"]) == set(methods.selectable())        # null methods: every arm (synthetic)
+    assert res.arms["steps"].nunique() == 1
+    assert res.arms["steps"].iloc[0] == 2 * int(np.ceil(n_train / 32))
+    assert res.arms.set_index("method").loc["balanced", "n_kept"] < n_train   # fewer rows, same steps
+    cols = ["finding", "method", "seed", "split", "row", "group", "y", "logit", "prob", "threshold", "pred"]
+    saved = pd.read_parquet(run.path / "05_d3m" / "predictions.parquet")
+    assert list(saved.columns) == cols and set(saved["method"]) == set(methods.selectable()) | {"erm", "base"}
+    for m in ("d3m", "random", "balanced", "auto_d3m", "auto_random", "oracle"):
+        hist = pd.read_csv(run.path / "05_d3m" / FINDING / res.arms.set_index("method").loc[m, "model"]
+                           / "seed0" / "history.csv")
+        assert hist["step"].iloc[-1] == res.arms["steps"].iloc[0] and hist["epoch"].iloc[-1] == 3
+    assert run.manifest("05_d3m")["complete"]
+
+
+def test_validated_k_comes_from_the_curve_and_controls_are_count_matched(result):
+    _, _, _, res = result
+    arms = res.arms.set_index("method")
+    ck = res.chosen_k.set_index("method")
+    assert arms.loc["d3m", "n_removed"] == ck.loc["d3m", "k"] == arms.loc["random", "n_removed"]
+    assert arms.loc["auto_d3m", "n_removed"] == ck.loc["auto_d3m", "k"] == arms.loc["auto_random", "n_removed"]
+    v = res.curve[(res.curve["method"] == "d3m") & (res.curve["split"] == "validate") & (res.curve["k"] > 0)]
+    assert ck.loc["d3m", "k"] == v.sort_values(["wga", "k"], ascending=[False, True])["k"].iloc[0]
+    assert set(res.curve["k"]) == {0} | {max(1, round(f * arms.loc["d3m", "n_train"])) for f in (0.05, 0.15)}
+    # the d3m arm at the chosen k reuses the curve's model (same kept mask)
+    assert arms.loc["d3m", "model"] == f"curve_d3m_k{ck.loc['d3m', 'k']}"
+
+
+def test_oracle_removes_exactly_the_planted_images_and_tables_are_filled(result):
+    _, _, _, res = result
+    pl = res.planted.set_index("method")
+    assert pl.loc["oracle", "precision"] == 1.0 and pl.loc["oracle", "recall"] == 1.0
+    assert pl.loc["oracle", "n_removed"] == 12
+    w = res.weighting
+    assert list(w["beta"].iloc[:4]) == [0.0, 1.0, 5.0, 20.0] and w["weighting"].iloc[-1] == "linear"
+    wcols = [c for c in w.columns if c.startswith("w_")]
+    assert np.allclose(w.loc[w["weighting"] == "softmax", wcols].sum(axis=1), 1.0)
+    assert np.allclose(w.iloc[0][wcols].astype(float), 1 / len(wcols))        # beta 0: equal weights
+    assert w["changed"].between(0, 1).all() and w["recall"].between(0, 1).all()
+    assert set(res.auto_groups["pseudo"]) <= {"y0_a", "y0_b", "y1_a", "y1_b"}
+
+
+def test_oracle_refused_on_real_data_with_a_clear_message():
+    with pytest.raises(config.ConfigError, match="exist only in synthetic data"):
+        config.resolve({"synthetic": False, "dataset": "nih", "nih_dir": ".", "methods": ["d3m", "oracle"]})
+    assert "oracle" not in methods.for_data(None, "nih")
