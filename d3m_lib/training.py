@@ -3,7 +3,9 @@
 The schedule, as in the source study:
 
 1. **anchor**: train epochs 1..``epochs_anchor`` (5) from scratch on all
-   training rows; keep ``epoch_05.pt``. TRAK featurizes these checkpoints.
+   training rows under the anchor's own schedule (:func:`lr_at`: warm-up, then
+   decay to 0 at the last anchor epoch); keep ``epoch_05.pt``. TRAK
+   featurizes these checkpoints.
 2. **continue**: :func:`continue_training` starts from ``epoch_05.pt`` with a
    fresh optimizer and takes a fixed number of optimizer steps (ERM's count,
    ``epochs_more * ceil(n_train / batch_size)``) under its own warm-restart
@@ -365,17 +367,7 @@ def train(cfg: TrainConfig, images: np.ndarray, rows, y, epochs, out_dir: str | 
             batches = epoch_batches(len(rows), cfg.batch_size, cfg.seed, epoch)
             total, count = 0.0, 0
             for b, (xb, yb) in enumerate(_loader(ds, batches, cfg, device)):
-                lr = lr_at(cfg, epoch - 1 + b / len(batches))
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                xb, yb = _to(xb, device), yb.to(device, non_blocking=True)
-                with _autocast(device):
-                    logits = model(xb)
-                loss = masked_bce(logits, yb, cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(yb)
+                total += _sgd_step(model, opt, xb, yb, lr_at(cfg, epoch - 1 + b / len(batches)), cfg, device)
                 count += len(yb)
             rec = {"epoch": epoch, "lr": lr_at(cfg, epoch), "train_loss": total / count}
             if val is not None:
@@ -512,16 +504,7 @@ def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_chec
         model.train()
         bar = tqdm(total=steps, desc=f"continue {out_dir.name}", disable=not progress, leave=False)
         for xb, yb in _loader(ds, batches, cfg, device):
-            for group in opt.param_groups:
-                group["lr"] = continue_lr_at(cfg, done, steps)
-            xb, yb = _to(xb, device), yb.to(device, non_blocking=True)
-            with _autocast(device):
-                logits = model(xb)
-            loss = masked_bce(logits, yb, cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(yb)
+            total += _sgd_step(model, opt, xb, yb, continue_lr_at(cfg, done, steps), cfg, device)
             count += len(yb)
             done += 1
             bar.update(1)
@@ -532,6 +515,21 @@ def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_chec
     hist = pd.DataFrame(records).sort_values("epoch", kind="stable").reset_index(drop=True)
     _append_history(out_dir / "history.csv", hist, cfg.epochs_anchor)
     return hist
+
+
+def _sgd_step(model: nn.Module, opt, xb: torch.Tensor, yb: torch.Tensor, lr: float, cfg: TrainConfig,
+              device: torch.device) -> float:
+    """One optimizer step at learning rate ``lr``; returns the batch's summed loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    xb, yb = _to(xb, device), yb.to(device, non_blocking=True)
+    with _autocast(device):
+        logits = model(xb)
+    loss = masked_bce(logits, yb, cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()) * len(yb)
 
 
 def _epoch_span(epochs, cfg: TrainConfig) -> tuple[int, int]:
