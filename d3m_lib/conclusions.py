@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pandas as pd
 
 from . import methods as _methods
@@ -165,9 +167,25 @@ def leader_sentence(best: str, value: float, lo: float, hi: float, paired: pd.Da
 
 def recovery_sentences(recovery: pd.DataFrame, ceiling: str = "oracle", baseline: str = "erm",
                        metric: str = "accuracy") -> list[str]:
-    """One :func:`recovery_sentence` per row of :meth:`~d3m_lib.analysis.MethodComparison.recovery` tables."""
-    return [recovery_sentence(r.share, r.lo, r.hi, r.gain, r.gain_lo, r.gain_hi, r.method, ceiling, baseline,
-                              metric, r.finding) for r in recovery.itertuples()]
+    """One :func:`recovery_sentence` per row of :meth:`~d3m_lib.analysis.MethodComparison.recovery` tables.
+
+    When the ceiling's own gain is not reliable there is nothing to recover for any arm of
+    that finding: one sentence says so, instead of one per arm.
+    """
+    out = []
+    for _, rows in recovery.groupby("finding", sort=False, dropna=False):
+        first = rows.iloc[0]
+        if not excludes_zero(first.gain_lo, first.gain_hi):
+            arms = ", ".join(_methods.label(m) for m in rows["method"])
+            s = recovery_sentence(np.nan, np.nan, np.nan, first.gain, first.gain_lo, first.gain_hi,
+                                  rows["method"].iloc[0], ceiling, baseline, metric,
+                                  first.finding if isinstance(first.finding, str) else None)
+            out.append(s.replace(f"for {_methods.label(rows['method'].iloc[0])} to recover",
+                                 f"for any arm ({arms}) to recover"))
+            continue
+        out += [recovery_sentence(r.share, r.lo, r.hi, r.gain, r.gain_lo, r.gain_hi, r.method, ceiling,
+                                  baseline, metric, r.finding) for r in rows.itertuples()]
+    return out
 
 
 def no_ceiling_sentence(ceiling: str = "oracle", synthetic: bool = True) -> str:

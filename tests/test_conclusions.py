@@ -71,6 +71,9 @@ def test_recovery_sentences_and_no_ceiling():
                         "gain_lo": [0.05, -0.02], "gain_hi": [0.15, 0.04]})
     out = c.recovery_sentences(rec)
     assert out[0].startswith("F: D3M recovers 50% [20%, 80%]") and "no share is stated" in out[1]
+    flat = rec.assign(share=math.nan, gain=0.01, gain_lo=-0.02, gain_hi=0.04)
+    one = c.recovery_sentences(flat)
+    assert len(one) == 1 and "for any arm (D3M, random) to recover" in one[0] and one[0].startswith("F: ")
     assert "Real data" in c.no_ceiling_sentence(synthetic=False)
     assert "add 'oracle'" in c.no_ceiling_sentence()
 
