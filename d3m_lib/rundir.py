@@ -232,6 +232,10 @@ class Stage:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def steps(self, *prefix: str) -> "StepLog":
+        """The stage's record of finished steps (in its manifest), under ``prefix``: how a stage resumes."""
+        return StepLog(self, "/".join(prefix))
+
     def config_table(self):
         """The parameters this stage reads, with their values in this run (shown atop each notebook)."""
         return self.cfg.table(list(self.cfg.for_stage(self.name, kind=None)))
@@ -243,6 +247,38 @@ class Stage:
         self.run._write_manifest(self.name, manifest)
         if self.lock is not None:
             self.lock.release()
+
+
+@dataclass
+class StepLog:
+    """Finished steps of a stage, kept in its manifest (``steps``), the run folder's one resume record.
+
+    ``done(key, signature)`` is true when the step was marked with the same signature (for
+    example the kept-row hash of a retrained arm) and the files it names still exist; a stage
+    re-run with another fingerprint starts from an empty record, since its folder is recomputed.
+    """
+
+    stage: Stage
+    prefix: str = ""
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def done(self, key: str, signature: Any = None, files: tuple[Path, ...] = ()) -> bool:
+        m = self.stage.run.manifest(self.stage.name) or {}
+        rec = m.get("steps", {}).get(self._key(key))
+        sig = json.loads(json.dumps(signature, default=str))
+        return rec is not None and rec == {"signature": sig} and all(Path(f).exists() for f in files)
+
+    def mark(self, key: str, signature: Any = None) -> None:
+        m = self.stage.run.manifest(self.stage.name) or {}
+        m.setdefault("steps", {})[self._key(key)] = {"signature": json.loads(json.dumps(signature, default=str))}
+        self.stage.run._write_manifest(self.stage.name, m)
+
+    def forget(self, key: str) -> None:
+        m = self.stage.run.manifest(self.stage.name) or {}
+        if m.get("steps", {}).pop(self._key(key), None) is not None:
+            self.stage.run._write_manifest(self.stage.name, m)
 
 
 class RunDir:
@@ -421,9 +457,11 @@ class RunDir:
                               f"by hand; move them away before running stage {name} here")
         d.mkdir(parents=True, exist_ok=True)
         _own_files(d)
+        resumed = old is not None and old.get("fingerprint") == fp
         self._write_manifest(name, {
             "stage": name, "fingerprint": fp, "params": params, "upstream": upstream, "code": code,
-            "complete": False, "started_at": _now(), "resumed": old is not None and old.get("fingerprint") == fp,
+            "complete": False, "started_at": _now(), "resumed": resumed,
+            "steps": (old or {}).get("steps", {}) if resumed else {},
         })
         return Stage(self, name, cfg, params, upstream, fp, lock)
 

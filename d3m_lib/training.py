@@ -637,52 +637,61 @@ def predictions_frame(rows, split: str, groups, y, logits) -> pd.DataFrame:
 
 
 def run_baseline(cfg: TrainConfig, images: np.ndarray, cohort: pd.DataFrame, finding: str,
-                 out_dir: str | Path, threshold_rule: str = "youden", progress: bool = True) -> dict:
+                 out_dir: str | Path, threshold_rule: str = "youden", progress: bool = True,
+                 log=None) -> dict:
     """One finding, one seed (``cfg.seed``): the two calls of the schedule, predictions, threshold.
 
     Writes into ``out_dir`` (``03_baseline/<finding>/seed<s>``): epoch_01..15.pt,
     history.csv, preds_{validate,test}_epoch{05,15}.parquet, threshold.json.
-    Resumes at call boundaries: a finished anchor call (``epoch_05.pt`` and
-    its history) is not repeated, and a finished seed is only re-read. This is
-    exact because the continuation call always starts from ``epoch_05.pt`` with a
-    fresh optimizer. Returns ``{"resumed": [...], "threshold": ...}``.
+    ``log``: the stage's step record (``Stage.steps(...)``, the run folder's resume
+    mechanism); with it a finished anchor call, continuation or prediction is not
+    repeated. This is exact because the continuation always starts from ``epoch_05.pt``
+    with a fresh optimizer. Without it everything is computed. Returns
+    ``{"resumed": [...], "threshold": ...}``.
     """
     from .metrics import choose_threshold
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    status_file = out / "status.json"
-    status = json.loads(status_file.read_text()) if status_file.exists() else {}
     tr, va, te = (task_rows(cohort, finding, s) for s in ("train", "validate", "test"))
     val = va
     resumed = []
     ea, et = cfg.epochs_anchor, cfg.total_epochs
-    if status.get("anchor") and (out / f"epoch_{ea:02d}.pt").exists():
+
+    def done(step, *files):
+        return log is not None and log.done(step, files=tuple(out / f for f in files))
+
+    def mark(step):
+        if log is not None:
+            log.mark(step)
+
+    if done("anchor", f"epoch_{ea:02d}.pt"):
         resumed.append("anchor")
     else:
-        status = {}
+        if log is not None:
+            log.forget("more")
+            log.forget("preds")
         train(cfg, images, tr[0], tr[1], (0, ea), out, val=val, progress=progress)
-        status["anchor"] = True
-        status_file.write_text(json.dumps(status))
-    if status.get("more") and (out / f"epoch_{et:02d}.pt").exists():
+        mark("anchor")
+    if done("more", f"epoch_{et:02d}.pt"):
         resumed.append("more")
     else:
         if cfg.epochs_more > 0:
             continue_training(cfg, images, tr[0], tr[1], out / f"epoch_{ea:02d}.pt", out, val=val,
                               progress=progress)
-        status["more"] = True
-        status_file.write_text(json.dumps(status))
+        mark("more")
+    preds_done = done("preds", *(f"preds_{s}_epoch{e:02d}.parquet" for s in ("validate", "test")
+                                 for e in sorted({ea, et})))
     thresholds = {}
     for epoch in sorted({ea, et}):
         model = load_model(cfg, out / f"epoch_{epoch:02d}.pt")
         for split, (rows, y, groups) in (("validate", va), ("test", te)):
             path = out / f"preds_{split}_epoch{epoch:02d}.parquet"
-            if not (status.get("preds") and path.exists()):
+            if not preds_done:
                 predictions_frame(rows, split, groups, y, predict(model, cfg, images, rows)).to_parquet(path)
         pv = pd.read_parquet(out / f"preds_validate_epoch{epoch:02d}.parquet")
         thresholds[str(epoch)] = choose_threshold(pv["y"].to_numpy(), pv["prob"].to_numpy(), threshold_rule)
-    status["preds"] = True
-    status_file.write_text(json.dumps(status))
+    mark("preds")
     info = {"rule": threshold_rule, "split": "validate", "epoch": et, "threshold": thresholds[str(et)],
             "by_epoch": thresholds}
     (out / "threshold.json").write_text(json.dumps(info, indent=2))

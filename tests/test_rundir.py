@@ -233,3 +233,22 @@ def test_interrupted_run_is_reported_as_interrupted(tmp_path):
         assert run_status(run) == "running"
     finally:
         lock.release()
+
+
+def test_step_log_lives_in_the_manifest_and_survives_a_resume_only(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    st = open_stage("01_cohort", run_dir)
+    log = st.steps("Cardiomegaly", "seed0")
+    f = st.path("Cardiomegaly", "seed0", "epoch_05.pt")
+    f.write_text("w")
+    assert not log.done("anchor", {"n": 3}, files=(f,))
+    log.mark("anchor", {"n": 3})
+    assert log.done("anchor", {"n": 3}, files=(f,)) and not log.done("anchor", {"n": 4}, files=(f,))
+    assert RunDir(run_dir).manifest("01_cohort")["steps"] == {"Cardiomegaly/seed0/anchor": {"signature": {"n": 3}}}
+    again = open_stage("01_cohort", run_dir)                     # same fingerprint: the record is kept
+    assert again.steps("Cardiomegaly", "seed0").done("anchor", {"n": 3}, files=(f,))
+    f.unlink()
+    assert not again.steps("Cardiomegaly", "seed0").done("anchor", {"n": 3}, files=(f,))
+    monkeypatch.setattr(rundir, "code_version", lambda: "new-code")
+    fresh = open_stage("01_cohort", run_dir)                     # recomputed: the record starts empty
+    assert RunDir(run_dir).manifest("01_cohort")["steps"] == {} and not fresh.steps("x").done("anchor")

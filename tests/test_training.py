@@ -174,7 +174,8 @@ def test_to_tensor_matches_training_input(tmp_path):
 def test_run_baseline_writes_artifacts_and_resumes(tmp_path):
     cohort, images = fake_cohort(tmp_path)
     out = tmp_path / "Cardiomegaly" / "seed0"
-    r1 = run_baseline(cfg(), images, cohort, "Cardiomegaly", out, progress=False)
+    log = MemoryLog()
+    r1 = run_baseline(cfg(), images, cohort, "Cardiomegaly", out, progress=False, log=log)
     assert r1["resumed"] == []
     for e in range(1, 5):
         assert (out / f"epoch_{e:02d}.pt").exists()
@@ -185,9 +186,28 @@ def test_run_baseline_writes_artifacts_and_resumes(tmp_path):
     info = json.loads((out / "threshold.json").read_text())
     assert info["rule"] == "youden" and 0 < info["threshold"] < 1
     mtime = (out / "epoch_04.pt").stat().st_mtime_ns
-    r2 = run_baseline(cfg(), images, cohort, "Cardiomegaly", out, progress=False)
+    r2 = run_baseline(cfg(), images, cohort, "Cardiomegaly", out, progress=False, log=log)
     assert r2["resumed"] == ["anchor", "more"] and r2["threshold"] == r1["threshold"]
     assert (out / "epoch_04.pt").stat().st_mtime_ns == mtime
+    # a step whose file is gone is done again
+    (out / "epoch_04.pt").unlink()
+    assert run_baseline(cfg(), images, cohort, "Cardiomegaly", out, progress=False, log=log)["resumed"] == ["anchor"]
+
+
+class MemoryLog:
+    """The step-record protocol of ``rundir.StepLog``, in memory."""
+
+    def __init__(self):
+        self.steps = {}
+
+    def done(self, key, signature=None, files=()):
+        return self.steps.get(key, object()) == signature and all(f.exists() for f in files)
+
+    def mark(self, key, signature=None):
+        self.steps[key] = signature
+
+    def forget(self, key):
+        self.steps.pop(key, None)
 
 
 def test_evaluate_uses_the_metric_engine(monkeypatch):

@@ -86,7 +86,7 @@ def run(stage: Stage, progress: bool = False) -> Result:
         out = stage.model_dir(finding, seed)
         t0 = time.time()
         r = training.run_baseline(tcfg, images, cohort, finding, out, threshold_rule=cfg.threshold_rule,
-                                  progress=False)
+                                  progress=False, log=stage.steps(finding, f"seed{seed}"))
         runs.append(dict(finding=finding, seed=seed,
                          **{f"threshold_{m}": r["thresholds"][str(e)] for m, e in epochs.items()},
                          resumed=",".join(r["resumed"]) or "-", seconds=round(time.time() - t0, 1)))

@@ -19,7 +19,7 @@ not retrained on a re-run; two arms with the same kept mask share one model.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -85,10 +85,9 @@ class _Trainer:
             return (*self.models[key], 0.0)
         t0 = time.time()
         out = self.stage.model_dir(finding, seed, name)
-        done = out / "done.json"
-        if not (done.exists() and (out / "kept.npy").exists() and np.array_equal(np.load(out / "kept.npy"), kept)
-                and all((out / f"preds_{s}.parquet").exists() for s in ("validate", "test"))):
-            np.save(out / "kept.npy", kept)
+        log, sig = self.stage.steps(finding, f"seed{seed}"), {"kept": hashlib.sha256(key).hexdigest(),
+                                                              "steps": self.steps}
+        if not log.done(name, sig, files=tuple(out / f"preds_{s}.parquet" for s in ("validate", "test"))):
             training.continue_training(self.tcfg, self.images, self.tr[0][kept], self.tr[1][kept], self.anchor,
                                        out, val=self.va, progress=False, steps=self.steps)
             final = out / f"epoch_{self.tcfg.total_epochs:02d}.pt"
@@ -99,7 +98,7 @@ class _Trainer:
             for split, (rows, y, groups) in (("validate", self.va), ("test", self.te)):
                 training.predictions_frame(rows, split, groups, y, training.predict(model, self.tcfg, self.images, rows)
                                            ).to_parquet(out / f"preds_{split}.parquet")
-            done.write_text(json.dumps({"n_kept": int(kept.sum()), "steps": self.steps}))
+            log.mark(name, sig)
         frames = {s: pd.read_parquet(out / f"preds_{s}.parquet") for s in ("validate", "test")}
         self.models[key] = (name, frames)
         return name, frames, time.time() - t0
