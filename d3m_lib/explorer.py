@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import plots
+from . import metrics, plots
 from .analysis import OVERALL
 
 HOW_TO_INTERACT = ("The explorer is live in JupyterLab: open notebooks/07_error_analysis.ipynb there and "
@@ -55,47 +55,20 @@ def live_frontend() -> bool:
 
 
 def threshold_metrics(y, prob, groups, threshold: float) -> pd.DataFrame:
-    """Accuracy, FPR and FNR per group (and Overall) at ``threshold`` (pred = prob >= t).
+    """Accuracy, FPR and FNR per group (and overall) at ``threshold`` (pred = prob >= t).
 
-    Uses fairlearn's ``MetricFrame``. Columns: group, accuracy, fpr, fnr, n.
+    :func:`threshold_curves` at that one threshold. Columns: group, accuracy, fpr, fnr, n.
     """
-    from fairlearn.metrics import MetricFrame, count, false_negative_rate, false_positive_rate
-    from sklearn.metrics import accuracy_score
-
-    y = np.asarray(y).astype(int)
-    pred = (np.asarray(prob, dtype=float) >= threshold).astype(int)
-    mf = MetricFrame(metrics={"accuracy": accuracy_score, "fpr": false_positive_rate,
-                              "fnr": false_negative_rate, "n": count},
-                     y_true=y, y_pred=pred, sensitive_features=pd.Series(np.asarray(groups, dtype=str), name="group"))
-    out = mf.by_group.reset_index()
-    overall = mf.overall.to_dict()
-    overall["group"] = OVERALL
-    out = pd.concat([out, pd.DataFrame([overall])], ignore_index=True)
-    out["n"] = out["n"].astype(int)
-    return out[["group", "accuracy", "fpr", "fnr", "n"]]
+    return threshold_curves(y, prob, groups, [threshold])[["group", "accuracy", "fpr", "fnr", "n"]]
 
 
 def threshold_curves(y, prob, groups, thresholds=None) -> pd.DataFrame:
-    """Accuracy, FPR, FNR per group (and Overall) on a grid of thresholds (vectorised).
-
-    Columns: threshold, group, accuracy, fpr, fnr, n.
-    """
-    t = np.linspace(0, 1, 101) if thresholds is None else np.asarray(thresholds, dtype=float)
-    y = np.asarray(y).astype(bool)
-    prob = np.asarray(prob, dtype=float)
-    groups = np.asarray(groups, dtype=str)
-    frames = []
-    for g in sorted(np.unique(groups)) + [OVERALL]:
-        m = np.ones(len(y), bool) if g == OVERALL else groups == g
-        yy, pp = y[m], prob[m]
-        pred = pp[None, :] >= t[:, None]  # thresholds x images
-        with np.errstate(invalid="ignore", divide="ignore"):
-            acc = (pred == yy[None, :]).mean(1)
-            fpr = (pred & ~yy[None, :]).sum(1) / (~yy).sum()
-            fnr = (~pred & yy[None, :]).sum(1) / yy.sum()
-        frames.append(pd.DataFrame({"threshold": t, "group": g, "accuracy": acc, "fpr": fpr,
-                                    "fnr": fnr, "n": int(m.sum())}))
-    return pd.concat(frames, ignore_index=True)
+    """The metric engine's :func:`d3m_lib.metrics.threshold_curves`, with the overall row named
+    as in the comparison tables (``analysis.OVERALL``). Columns: threshold, group, accuracy,
+    fpr, fnr, balanced_accuracy, n, n_pos."""
+    out = metrics.threshold_curves(y, prob, groups, thresholds)
+    out["group"] = out["group"].replace({metrics.ALL: OVERALL})
+    return out.reset_index(drop=True)
 
 
 def _model_preds(predictions: pd.DataFrame, finding: str, method: str, seed: int | None,

@@ -33,15 +33,21 @@ def test_threshold_metrics_known_values():
     assert m.loc["A", "n"] == 4
 
 
-def test_curves_agree_with_metricframe_metrics():
+def test_curves_agree_with_fairlearn_metricframe():
+    from fairlearn.metrics import MetricFrame, false_negative_rate, false_positive_rate
+    from sklearn.metrics import accuracy_score
+
     rng = np.random.default_rng(1)
     y, prob, g = rng.integers(0, 2, 200), rng.random(200), rng.choice(["a", "b"], 200)
     c = explorer.threshold_curves(y, prob, g, [0.3, 0.62])
     for t in (0.3, 0.62):
-        ref = explorer.threshold_metrics(y, prob, g, t).set_index("group")
+        mf = MetricFrame(metrics={"accuracy": accuracy_score, "fpr": false_positive_rate,
+                                  "fnr": false_negative_rate}, y_true=y, y_pred=(prob >= t).astype(int),
+                         sensitive_features=pd.Series(g, name="group"))
         got = c[c["threshold"] == t].set_index("group")
         for col in ("accuracy", "fpr", "fnr"):
-            np.testing.assert_allclose(got.loc[ref.index, col], ref[col])
+            np.testing.assert_allclose(got.loc[["a", "b"], col], mf.by_group[col].loc[["a", "b"]])
+            assert got.loc[OVERALL, col] == pytest.approx(mf.overall[col])
 
 
 class _FakeScorer:
