@@ -37,6 +37,7 @@ from . import config as cfgmod
 from .config import Config, ConfigError
 
 MANIFEST = "manifest.json"
+RUN_DEPENDENT = ("seconds", "featurize_s", "total_s", "resumed")   # columns no artifact keeps
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 LOCK_ENV = "D3M_RUN_LOCK"      # set by the runner for the kernels it starts: they share its lock
@@ -231,6 +232,21 @@ class Stage:
         d = self.run.model_dir(self.name, finding, seed, *more)
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def save_table(self, df, filename: str) -> Path:
+        """Write a table artifact (``.csv`` or ``.parquet``) without its timing columns.
+
+        Artifacts depend only on the configuration, so re-running a stage reproduces them
+        byte for byte; how long a step took (``RUN_DEPENDENT``) stays in the result the
+        notebook shows and in ``run.json``.
+        """
+        out = self.path(filename)
+        df = df.drop(columns=[c for c in RUN_DEPENDENT if c in df.columns])
+        if out.suffix == ".parquet":
+            df.to_parquet(out, index=False)
+        else:
+            df.to_csv(out, index=False)
+        return out
 
     def steps(self, *prefix: str) -> "StepLog":
         """The stage's record of finished steps (in its manifest), under ``prefix``: how a stage resumes."""

@@ -138,7 +138,7 @@ def run(stage: Stage, progress: bool = False) -> Result:
     for name, df in (("runs", runs), ("history", hist), ("test_metrics", metrics_t), ("worst_group", worst),
                      ("erm_vs_anchor", paired), ("anchor_group_losses", losses),
                      ("anchor_loss_spread", spread)):
-        df.to_csv(stage.path(f"{name}.csv"), index=False)
+        stage.save_table(df, f"{name}.csv")
     seconds = time.time() - t_start
     top = worst[worst["model"] == (FINAL if FINAL in epochs else ANCHOR)].set_index("finding")
     stage.finish({"findings": findings, "seeds": list(cfg.seeds), "epochs": epochs, "seconds": seconds,

@@ -295,7 +295,7 @@ def run(stage, progress: bool = False) -> Result:
         methods=arms, dataset=dataset, seconds=time.time() - t_start)
     for name in ("predictions", "selections", "alignment", "curve", "weighting", "arms", "auto_groups",
                  "group_losses", "chosen_k"):
-        getattr(res, name).to_parquet(stage.path(f"{name}.parquet"), index=False)
+        stage.save_table(getattr(res, name), f"{name}.parquet")
     stage.finish({"findings": findings, "seeds": list(cfg.seeds), "methods": arms,
                   "chosen_k": {f"{r['finding']}/{r['method']}": r["k"] for r in chosen},
                   "d3m_removed_mean": float(res.arms.loc[res.arms["method"] == "d3m", "n_removed"].mean())

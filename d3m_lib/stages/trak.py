@@ -263,7 +263,7 @@ def run(stage: Stage, progress: bool = False) -> Result:
                                   progress=progress)
         lds_note = ""
 
-    summary.to_csv(stage.path("summary.csv"), index=False)
+    stage.save_table(summary, "summary.csv")
     examples.to_csv(stage.path("examples.csv"), index=False)
     if harm is not None:
         harm.drop(columns="seed_values").to_csv(stage.path("harm_auroc.csv"), index=False)
