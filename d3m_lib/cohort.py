@@ -346,7 +346,8 @@ def finalize_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
                        uncertain_labels: str = "negative", race_rule: str = "mode_recent",
-                       missing_race: str = "unknown", check_images: bool = True) -> CohortResult:
+                       missing_race: str = "unknown", check_images: bool = True,
+                       progress: bool = False) -> CohortResult:
     """Build the cohort table from MIMIC-CXR-JPG and MIMIC-IV.
 
     Steps, in order, each counted in ``flow`` (images, studies, patients kept
@@ -459,8 +460,12 @@ def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
 
     flow.df["path"] = image_relpath(flow.df["subject_id"], flow.df["study_id"], flow.df["image_id"])
     if check_images:
-        on_disk = np.fromiter((os.path.isfile(cxr / p) for p in flow.df["path"]), bool,
-                              count=len(flow.df))
+        from tqdm.auto import tqdm
+
+        # the slow step at MIMIC's size (one stat per listed image): a progress bar
+        paths = tqdm(flow.df["path"], desc="image files on disk", unit="img", disable=not progress,
+                     leave=False, mininterval=1.0)
+        on_disk = np.fromiter((os.path.isfile(cxr / p) for p in paths), bool, count=len(flow.df))
         flow.keep(on_disk, "image on disk", "listed in the metadata but the JPEG file is absent",
                   hint=f": e.g. {cxr / flow.df['path'].iloc[0]} does not exist. Is mimic_cxr_dir "
                        f"the folder that holds files/p10 ... files/p19 and {f_meta.name}?")

@@ -115,7 +115,8 @@ def _read(cfg, stage_dir: Path, is_synthetic: bool, progress: bool = False):
             cxr_dir, iv_dir = Path(cfg.mimic_cxr_dir), Path(cfg.mimic_iv_dir)
             source = data_source(cfg, False)
         result = cohortmod.build_mimic_cohort(cxr_dir, iv_dir, uncertain_labels=cfg.uncertain_labels,
-                                              race_rule=cfg.race_rule, missing_race=cfg.missing_race)
+                                              race_rule=cfg.race_rule, missing_race=cfg.missing_race,
+                                              progress=progress)
         return result, Path(cxr_dir), synthetic_dir, source
     if cfg.nih_dir is None:
         raise ValueError("dataset=nih: set the parameter nih_dir to the NIH ChestX-ray14 folder")
