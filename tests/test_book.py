@@ -13,7 +13,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import yaml
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -23,21 +22,9 @@ CHECK_BOOK = REPO_ROOT / "scripts" / "check_book.py"
 
 def toc_notebooks() -> list[str]:
     """Notebook pages (``notebooks/NN_name``) that _toc.yml lists."""
-    toc = yaml.safe_load((REPO_ROOT / "_toc.yml").read_text())
-    files: list[str] = []
+    from d3m_lib.book_check import toc_files
 
-    def walk(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("file"), str):
-                files.append(node["file"])
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(toc)
-    return [f for f in files if f.startswith("notebooks/")]
+    return [f for f in toc_files(REPO_ROOT / "_toc.yml") if f.startswith("notebooks/")]
 
 
 NOTEBOOKS = toc_notebooks()
