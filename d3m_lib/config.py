@@ -71,15 +71,21 @@ def _unique_nonempty(v):
     return None
 
 
+def _unknown(v, choices, what: str, listing: str) -> str | None:
+    """The entries of ``v`` not in ``choices``, each with its closest match; None when all are known."""
+    bad = [b for b in v if b not in choices]
+    if not bad:
+        return None
+    hints = {b: difflib.get_close_matches(b, choices, n=1) for b in bad}
+    said = ", ".join(f"{b!r}" + (f" (did you mean {hints[b][0]!r}?)" if hints[b] else "") for b in bad)
+    return f"unknown {what}(s) {said}; {listing}"
+
+
 def _findings(v):
     if v is None:
         return None
-    bad = [f for f in v if f not in FINDINGS]
-    if bad:
-        hints = {b: difflib.get_close_matches(b, FINDINGS, n=1) for b in bad}
-        said = ", ".join(f"{b!r}" + (f" (did you mean {hints[b][0]!r}?)" if hints[b] else "") for b in bad)
-        return f"unknown finding(s) {said}; the 14 CheXpert findings are: {', '.join(FINDINGS)}"
-    return _unique_nonempty(v)
+    return (_unknown(v, FINDINGS, "finding", f"the 14 CheXpert findings are: {', '.join(FINDINGS)}")
+            or _unique_nonempty(v))
 
 
 def _selectable() -> tuple[str, ...]:
@@ -94,12 +100,7 @@ METHODS = _selectable()   # the registry's selectable arms (d3m_lib.methods)
 def _methods(v):
     if v is None:
         return None
-    bad = [m for m in v if m not in METHODS]
-    if bad:
-        hints = {b: difflib.get_close_matches(b, METHODS, n=1) for b in bad}
-        said = ", ".join(f"{b!r}" + (f" (did you mean {hints[b][0]!r}?)" if hints[b] else "") for b in bad)
-        return f"unknown method(s) {said}; choose from {', '.join(METHODS)}"
-    return _unique_nonempty(v)
+    return _unknown(v, METHODS, "method", f"choose from {', '.join(METHODS)}") or _unique_nonempty(v)
 
 
 def _fractions(v):

@@ -307,6 +307,23 @@ def _check_labels(y: np.ndarray, num_outputs: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- train / predict
+def _model_and_optimizer(cfg: TrainConfig, num_outputs: int, device, checkpoint, lr: float):
+    """A model (fresh, or loaded from ``checkpoint``) on ``device`` and a fresh SGD optimizer at ``lr``."""
+    if checkpoint is None:
+        model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width, pretrained=cfg.pretrained)
+    else:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width)
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    model = model.to(device)
+    if device.type != "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
+                          nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return model, opt
+
+
 def train(cfg: TrainConfig, images: np.ndarray, rows, y, epochs, out_dir: str | Path,
           init_checkpoint: str | Path | None = None, val=None, num_outputs: int = 1,
           progress: bool = True) -> pd.DataFrame:
@@ -345,19 +362,7 @@ def train(cfg: TrainConfig, images: np.ndarray, rows, y, epochs, out_dir: str | 
 
     with _deterministic(cpu):
         torch.manual_seed(cfg.seed)
-        if init_checkpoint is None:
-            model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width,
-                                pretrained=cfg.pretrained)
-        else:
-            model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width)
-            if not Path(init_checkpoint).is_file():
-                raise FileNotFoundError(f"init_checkpoint not found: {init_checkpoint}")
-            model.load_state_dict(torch.load(init_checkpoint, map_location="cpu", weights_only=True))
-        model = model.to(device)
-        if not cpu:
-            model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, start), momentum=cfg.momentum,
-                              nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        model, opt = _model_and_optimizer(cfg, num_outputs, device, init_checkpoint, lr_at(cfg, start))
         ds = MemmapBatches(images, rows, y, cfg, augment=cfg.augment)
         records = []
         bar = tqdm(range(start + 1, end + 1), desc=f"train {out_dir.name}", disable=not progress,
@@ -478,13 +483,8 @@ def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_chec
     batches = continuation_batches(len(rows), cfg, steps)
     with _deterministic(cpu):
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width)
-        model.load_state_dict(torch.load(anchor_checkpoint, map_location="cpu", weights_only=True))
-        model = model.to(device)
-        if not cpu:
-            model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=continue_lr_at(cfg, 0, steps), momentum=cfg.momentum,
-                              nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        model, opt = _model_and_optimizer(cfg, num_outputs, device, anchor_checkpoint,
+                                          continue_lr_at(cfg, 0, steps))
         ds = MemmapBatches(images, rows, y, cfg, augment=cfg.augment)
         records, total, count, done = [], 0.0, 0, 0
 
