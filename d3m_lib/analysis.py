@@ -524,7 +524,8 @@ def influence_composition(scores: np.ndarray, train_rows, cohort: pd.DataFrame, 
 
 
 def removed_vs_kept_means(images, selections: pd.DataFrame, cohort: pd.DataFrame, finding: str,
-                          method: str = "d3m", seed: int | None = None, top_fraction: float = 0.02) -> dict:
+                          method: str = "d3m", seed: int | None = None, top_fraction: float = 0.02,
+                          chunk: int = 1024) -> dict:
     """Mean image of removed and kept training images per label, and where they differ most.
 
     Returns ``means`` ({"removed, positive": array, ...}), ``difference`` (removed
@@ -545,22 +546,34 @@ def removed_vs_kept_means(images, selections: pd.DataFrame, cohort: pd.DataFrame
         raise ValueError(f"{method} seed {seed} removed {'nothing' if removed.sum() == 0 else 'everything'}"
                          f" for '{finding}': no removed/kept contrast")
     labels = np.array([_label_name(v) for v in coh.loc[rows, finding].to_numpy()])
-    imgs = np.stack([np.asarray(images[int(r)], dtype=np.float64) for r in rows])
-    means, recs = {}, []
-    diff = imgs[removed].mean(0) - imgs[~removed].mean(0)
+    # Sums per (removed/kept, label), a chunk of images at a time: memory is one chunk, not the training set.
+    keys = [(name, lab) for lab in sorted(set(labels)) for name in ("removed", "kept")]
+    sums, counts = {}, {k: 0 for k in keys}
+    for start in range(0, len(rows), chunk):
+        part = slice(start, start + chunk)
+        imgs = np.stack([np.asarray(images[int(r)], dtype=np.float64) for r in rows[part]])
+        for name, lab in keys:
+            m = ((removed[part] if name == "removed" else ~removed[part]) & (labels[part] == lab))
+            if m.any():
+                add = imgs[m].sum(0)
+                sums[(name, lab)] = sums[(name, lab)] + add if (name, lab) in sums else add
+                counts[(name, lab)] += int(m.sum())
+
+    def pooled(name):
+        return sum(v for (n, _), v in sums.items() if n == name) / sum(c for (n, _), c in counts.items() if n == name)
+
+    means = {f"{name}, {lab}": sums[(name, lab)] / counts[(name, lab)] for name, lab in keys if counts[(name, lab)]}
+    diff = pooled("removed") - pooled("kept")
     thr = np.quantile(np.abs(diff), 1 - top_fraction)
     region = np.abs(diff) >= thr
+    recs = []
     for lab in sorted(set(labels)):
-        for name, m in (("removed", removed), ("kept", ~removed)):
-            sel_m = m & (labels == lab)
-            if sel_m.any():
-                means[f"{name}, {lab}"] = imgs[sel_m].mean(0)
-        r, k = removed & (labels == lab), ~removed & (labels == lab)
-        recs.append(dict(label=lab, n_removed=int(r.sum()), n_kept=int(k.sum()),
-                         region_mean_removed=float(imgs[r][:, region].mean()) if r.any() else np.nan,
-                         region_mean_kept=float(imgs[k][:, region].mean()) if k.any() else np.nan,
-                         whole_mean_removed=float(imgs[r].mean()) if r.any() else np.nan,
-                         whole_mean_kept=float(imgs[k].mean()) if k.any() else np.nan))
+        r, k = means.get(f"removed, {lab}"), means.get(f"kept, {lab}")
+        recs.append(dict(label=lab, n_removed=counts[("removed", lab)], n_kept=counts[("kept", lab)],
+                         region_mean_removed=float(r[region].mean()) if r is not None else np.nan,
+                         region_mean_kept=float(k[region].mean()) if k is not None else np.nan,
+                         whole_mean_removed=float(r.mean()) if r is not None else np.nan,
+                         whole_mean_kept=float(k.mean()) if k is not None else np.nan))
     ys, xs = np.nonzero(region)
     return dict(means=means, difference=diff, region=region, region_table=pd.DataFrame(recs),
                 region_center=(float(ys.mean() / diff.shape[0]), float(xs.mean() / diff.shape[1])),

@@ -380,3 +380,24 @@ def test_best_method_ties_follow_the_registry_order():
     wga = pd.DataFrame({"finding": "F", "method": ["random", "d3m", "erm"], "wga": [0.7, 0.7, 0.6]})
     assert analysis.best_method(wga, "F") == "d3m"
     assert list(analysis.wga_wide(wga.assign(lo=0.5, hi=0.8)).columns) == ["finding", "erm", "d3m", "random"]
+
+
+def test_removed_vs_kept_means_known_answer_in_chunks():
+    """Chunked sums give the same means and region as the whole stack: each image is its row number."""
+    n = 7
+    images = np.stack([np.full((4, 4), float(r)) for r in range(n)])
+    images[:, 0, 0] += np.arange(n) * 10.0       # one pixel where removed and kept differ most
+    cohort = pd.DataFrame({"row": np.arange(n), "Edema": [1.0, 0.0, 1.0, 0.0, 1.0, None, 0.0]})
+    sel = pd.DataFrame({"finding": "Edema", "method": "d3m", "seed": 0, "row": np.arange(n),
+                        "kept": [False, False, True, True, True, True, True]})
+    whole = analysis.removed_vs_kept_means(images, sel, cohort, "Edema", top_fraction=1 / 16)
+    parts = analysis.removed_vs_kept_means(images, sel, cohort, "Edema", top_fraction=1 / 16, chunk=2)
+    # removed rows 0, 1 (mean 0.5), kept rows 2..6 (mean 4): difference -3.5, pixel (0, 0) -38.5
+    assert whole["difference"][1, 1] == pytest.approx(-3.5)
+    assert whole["difference"][0, 0] == pytest.approx(-38.5)
+    assert whole["region"].sum() == 1 and whole["region"][0, 0]
+    for k, v in whole["means"].items():
+        np.testing.assert_allclose(parts["means"][k], v)
+    assert whole["means"]["removed, positive"][1, 1] == 0.0
+    assert whole["means"]["kept, positive"][1, 1] == pytest.approx(3.0)    # rows 2, 4
+    pd.testing.assert_frame_equal(whole["region_table"], parts["region_table"])
