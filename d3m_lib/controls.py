@@ -19,8 +19,8 @@ def _mask(train_rows, keep_pos: np.ndarray) -> pd.Series:
     return pd.Series(kept, index=pd.Index(np.asarray(train_rows), name="row"), name="kept")
 
 
-def random_removal(train_rows, n_remove: int, seed: int) -> pd.Series:
-    """Remove ``n_remove`` training images uniformly at random."""
+def random_removal(train_rows, n_remove: int, seed: int | tuple[int, ...]) -> pd.Series:
+    """Remove ``n_remove`` training images uniformly at random (``seed``: a seed or a seed sequence)."""
     n = len(train_rows)
     if not 0 <= int(n_remove) <= n:
         raise ValueError(f"random_removal: n_remove={n_remove} not in [0, {n}]")

@@ -13,6 +13,7 @@ stage runs the arm they copy first (:func:`run_order`).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -92,7 +93,9 @@ def _count_matched(source: str, name: str):
         if source not in ctx.n_removed:
             raise ValueError(f"method {name!r} removes as many images as {source!r}; select {source!r} first "
                              f"(known counts: {sorted(ctx.n_removed)})")
-        return _as_mask(random_removal(ctx.train_rows, ctx.n_removed[source], seed=ctx.seed), ctx, name)
+        # each control draws from its own stream, so two controls of equal count remove different images
+        stream = (ctx.seed, zlib.crc32(name.encode()))
+        return _as_mask(random_removal(ctx.train_rows, ctx.n_removed[source], seed=stream), ctx, name)
     return select
 
 

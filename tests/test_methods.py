@@ -38,6 +38,17 @@ def test_hooks_return_kept_masks():
     assert methods.get("base").select is None
 
 
+def test_count_matched_controls_draw_independent_streams():
+    """random and auto_random at the same count and seed remove different images, each reproducibly."""
+    rows = np.arange(1000)
+    ctx = SelectionContext(rows, seed=5, d3m_kept=pd.Series(rows >= 100, index=rows))
+    ctx.n_removed.update(d3m=100, auto_d3m=100)
+    r, a = methods.get("random").select(ctx), methods.get("auto_random").select(ctx)
+    assert (~r).sum() == (~a).sum() == 100
+    assert (r != a).sum() > 100                  # overlap of two independent draws: about 10 images
+    assert (methods.get("random").select(ctx) == r).all()
+
+
 def test_oracle_removes_planted_images_and_refuses_real_data():
     ids = np.array([f"img{i}" for i in range(6)])
     ctx = SelectionContext(np.arange(6), train_image_ids=ids, planted_ids={"img1", "img4", "elsewhere"})
