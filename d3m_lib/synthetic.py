@@ -14,22 +14,28 @@ layout, and read only by evaluation code:
 - ``planted_ground_truth.csv.gz``: the training images that carry a planted
   bias (``kind`` ``shortcut`` or ``label_flip``) and the finding it concerns;
 - ``planted_eval_markers.csv.gz``: validate/test images that show a shortcut
-  marker (placed independently of their label);
+  marker (placed by group and label, not by what the image shows);
 - ``synthetic_spec.json``: every generator parameter, the cue of each finding,
   the marker positions, the counts, the generator version;
 - ``.synthetic_complete``: written last; its presence means the folder is whole.
 
 Planted biases (parameters in ``DEFAULTS``): (a) a *shortcut*: in the training
-split, images of ``shortcut_group`` carry a per-finding marker that follows the
-finding's CheXpert label, while in validate/test the marker appears at random
-(independently of the label) in images of ``shortcut_eval_groups``, so a model
-that learnt the marker errs on those groups; (b) *label errors*: CheXpert labels
-of training studies of ``label_flip_group`` are flipped (positive -> negative
-at ``label_flip_pos_rate``, negative/blank -> positive at
-``label_flip_neg_rate``); (c) a *device difference*: a share of
-``hardware_group``'s images are noisier and lower in contrast. The group of a
-patient is the one ``race.race_for_subjects`` assigns by default, i.e. the
-group the cohort code sees.
+split, a per-finding marker appears on ``shortcut_p_pos`` of the positive images
+of ``shortcut_group`` (and ``shortcut_p_neg`` of its other images), so the marker
+predicts the label; in validate/test it appears on ``shortcut_eval_p_neg`` of
+the images of ``shortcut_eval_groups`` that are not positive (``shortcut_eval_p_pos``
+of the positive ones), so a model that learnt the marker calls those negatives
+positive; (b) *label errors*: CheXpert labels of training studies of
+``label_flip_group`` are flipped (positive -> negative at
+``label_flip_pos_rate``, negative/blank -> positive at ``label_flip_neg_rate``);
+(c) optionally (off by default: ``hardware_group=None``), a *device difference*:
+a share of ``hardware_group``'s images are noisier and lower in contrast. (a)
+and (b) are listed in the ground truth, so removing exactly those training
+images (the oracle arm) removes the planted harm; (c) is harm no data removal
+can undo, which is why the default leaves it out: the testbed should measure
+whether D3M finds harm that removal can fix. The group of a patient is the one
+``race.race_for_subjects`` assigns by default, i.e. the group the cohort code
+sees.
 
 Labels follow the frontal-image label statistics of CheXpert (a Gaussian copula
 matching each finding's positive / uncertain / negative / blank rates and the
@@ -58,7 +64,7 @@ from scipy.special import ndtr, ndtri
 from . import race as race_mod
 from .constants import FINDINGS, RACE_GROUPS, SPLITS
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 SPEC_FILE = "synthetic_spec.json"
 COMPLETE_FILE = ".synthetic_complete"
 GROUND_TRUTH_FILE = "planted_ground_truth.csv.gz"
@@ -149,7 +155,7 @@ DEFAULTS: dict[str, Any] = dict(
     n_patients=2000,          # ~5,000 frontal images, ~3,000 of them in train
     image_size=64,            # pixels (square JPEGs)
     seed=0,
-    split_fractions=(0.6, 0.2, 0.2),  # train/validate/test share of patients (stratified by group)
+    split_fractions=(0.5, 0.2, 0.3),  # train/validate/test share of patients (stratified by group)
     extra_studies_mean=1.2,   # studies per patient = 1 + Poisson(this), at most 8
     p_second_frontal=0.1,     # a study has a second frontal image
     p_lateral=0.6,            # a study has a lateral (LATERAL or LL) image
@@ -164,18 +170,19 @@ DEFAULTS: dict[str, Any] = dict(
     # (a) shortcut: in train, markers follow the label in one group only
     shortcut_group="White",
     shortcut_findings=tuple(FINDINGS),
-    shortcut_p_pos=0.95,      # P(marker | label 1.0), train images of shortcut_group
-    shortcut_p_neg=0.05,      # P(marker | label 0.0 / blank / no row)
+    shortcut_p_pos=0.5,       # P(marker | label 1.0), train images of shortcut_group
+    shortcut_p_neg=0.0,       # P(marker | label 0.0 / blank / no row)
     shortcut_eval_groups=("Black or African American",),
-    shortcut_eval_rate=0.5,   # P(marker), independent of label, validate/test images of those groups
+    shortcut_eval_p_pos=0.0,  # P(marker | label 1.0), validate/test images of those groups
+    shortcut_eval_p_neg=0.8,  # P(marker | any other label), validate/test images of those groups
     # (b) label errors in the CheXpert file, training studies of one group
     label_flip_group="Black or African American",
     label_flip_findings=tuple(FINDINGS),
     label_flip_pos_rate=0.4,  # 1.0 -> 0.0 (missed finding, as in under-diagnosis)
     label_flip_neg_rate=0.05,  # 0.0 or blank -> 1.0
-    # (c) acquisition difference: part of one group's images come from a
-    # noisier, lower-contrast device (weaker cues; the group is recognisable)
-    hardware_group="Black or African American",
+    # (c) acquisition difference (off: None): part of one group's images come from a
+    # noisier, lower-contrast device (weaker cues); no removal of training images undoes it
+    hardware_group=None,
     hardware_prob=0.7,
     hardware_contrast=0.65,
     hardware_noise=0.05,
@@ -437,6 +444,10 @@ def _normalise(params: dict[str, Any]) -> dict[str, Any]:
     bad = [g for g in p["shortcut_eval_groups"] if g not in RACE_GROUPS]
     if bad:
         raise ValueError(f"shortcut_eval_groups: {bad} not in {RACE_GROUPS}")
+    for k in ("shortcut_p_pos", "shortcut_p_neg", "shortcut_eval_p_pos", "shortcut_eval_p_neg",
+              "label_flip_pos_rate", "label_flip_neg_rate", "hardware_prob"):
+        if not 0.0 <= float(p[k]) <= 1.0:
+            raise ValueError(f"{k}={p[k]!r}: a probability, expected a number in [0, 1]")
     fr = p["split_fractions"]
     if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1) > 1e-6:
         raise ValueError(f"split_fractions={fr}: need three positive shares (train, validate, test) summing to 1")
@@ -613,12 +624,14 @@ def _cohort_tables(p: dict[str, Any]) -> dict[str, Any]:
         for f in p["shortcut_findings"]:
             k = FINDINGS.index(f)
             prob = np.where(obs_img[:, k] == 1.0, p["shortcut_p_pos"],
-                            np.where(obs_img[:, k] == -1.0, 0.5, p["shortcut_p_neg"]))
+                            np.where(obs_img[:, k] == -1.0, 0.5 * (p["shortcut_p_pos"] + p["shortcut_p_neg"]),
+                                     p["shortcut_p_neg"]))
             markers[:, k] = tr & (r[:, k] < prob)
     ev = np.isin(img_group, p["shortcut_eval_groups"]) & (img_split != "train")
     for f in p["shortcut_findings"]:
         k = FINDINGS.index(f)
-        markers[:, k] |= ev & (r[:, k] < p["shortcut_eval_rate"])
+        prob = np.where(obs_img[:, k] == 1.0, p["shortcut_eval_p_pos"], p["shortcut_eval_p_neg"])
+        markers[:, k] |= ev & (r[:, k] < prob)
     hardware = ((img_group == p["hardware_group"]) & (rng.random(N) < p["hardware_prob"])
                 if p["hardware_group"] is not None else np.zeros(N, dtype=bool))
     img_seed = rng.integers(0, 2 ** 62, N)

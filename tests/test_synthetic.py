@@ -125,8 +125,9 @@ def test_shortcut_marker_follows_label_and_is_drawn(tiny):
     f = "Support Devices"
     marked = set(gt[(gt["kind"] == "shortcut") & (gt["finding"] == f)]["dicom_id"])
     has = tr["dicom_id"].isin(marked)
-    assert has[tr[f] == 1.0].mean() > 0.8
-    assert has[tr[f].isna() | (tr[f] == 0.0)].mean() < 0.2
+    p = synthetic.DEFAULTS
+    assert abs(has[tr[f] == 1.0].mean() - p["shortcut_p_pos"]) < 0.15
+    assert has[tr[f].isna() | (tr[f] == 0.0)].mean() <= p["shortcut_p_neg"] + 0.05
     # the marker is a bright square at its documented slot
     mx, my = synthetic.MARKER_SLOTS[f]
     col, row = int((mx + 1) / 2 * 48), int((my + 1) / 2 * 48)
@@ -136,6 +137,19 @@ def test_shortcut_marker_follows_label_and_is_drawn(tiny):
     off = [v for d, v in vals.items() if d not in marked]
     assert np.mean(on) > 200 and np.mean(off) < 100
 
+
+def test_eval_markers_follow_their_label_rates(tiny):
+    """Validate/test markers of the eval groups: P(marker | positive) and P(marker | other) as set."""
+    md, cx, sp, group, ev = tiny["md"], tiny["cx"], tiny["sp"], tiny["group"], tiny["ev"]
+    p = synthetic.DEFAULTS
+    im = md.merge(sp[["dicom_id", "split"]]).merge(cx, on=["subject_id", "study_id"], how="left")
+    im = im[(im["split"] != "train") & im["subject_id"].map(group).isin(p["shortcut_eval_groups"])]
+    f = "Support Devices"
+    has = im["dicom_id"].isin(set(ev.loc[ev["finding"] == f, "dicom_id"]))
+    pos = im[f] == 1.0
+    assert pos.sum() >= 5 and (~pos).sum() >= 5
+    assert abs(has[pos].mean() - p["shortcut_eval_p_pos"]) < 0.25
+    assert abs(has[~pos].mean() - p["shortcut_eval_p_neg"]) < 0.25
 
 def test_cue_visible_in_generated_images(tiny):
     """Cardiomegaly widens the heart: pixels just beyond a normal heart's image-right edge are brighter."""
@@ -223,3 +237,15 @@ def test_idempotent_and_refuses_other_spec(tiny, tmp_path):
         synthetic.generate(tmp_path / "x", n_patient=5)
     with pytest.raises(ValueError, match="shortcut_findings"):
         synthetic.generate(tmp_path / "y", shortcut_findings=["Cardiomegally"], **TINY)
+    with pytest.raises(ValueError, match="shortcut_eval_p_neg=1.5"):
+        synthetic.generate(tmp_path / "z", shortcut_eval_p_neg=1.5, **TINY)
+
+
+def test_device_difference_is_off_by_default_and_can_be_switched_on(tiny, tmp_path):
+    """The default plants only harm that removal can undo; hardware_group turns the device difference on."""
+    assert synthetic.DEFAULTS["hardware_group"] is None and tiny["summary"]["hardware_images"] == 0
+    on = synthetic.generate(tmp_path / "hw", progress=False, hardware_group="Black or African American",
+                            hardware_prob=1.0, **TINY)
+    md = tiny["md"]
+    black = md["subject_id"].map(tiny["group"]).eq("Black or African American").sum()
+    assert on["hardware_images"] == black > 0
