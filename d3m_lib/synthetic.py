@@ -21,7 +21,8 @@ layout, and read only by evaluation code:
 
 Planted biases (parameters in ``DEFAULTS``): (a) a *shortcut*: in the training
 split, a per-finding marker appears on ``shortcut_p_pos`` of the positive images
-of ``shortcut_group`` (and ``shortcut_p_neg`` of its other images), so the marker
+of ``shortcut_group`` (``shortcut_p_neg`` of its negative or unlabelled images,
+the midpoint of the two on its uncertain ones), so the marker
 predicts the label; in validate/test it appears on ``shortcut_eval_p_neg`` of
 the images of ``shortcut_eval_groups`` that are not positive (``shortcut_eval_p_pos``
 of the positive ones), so a model that learnt the marker calls those negatives
