@@ -165,19 +165,21 @@ def test_explorer_runs_in_jupyterlab(lab, tmp_path):
             # it opened on the worst group, and that group has misclassified targets
             worst = re.search(r"worst group (.+)", metrics.locator("p").inner_text()).group(1).strip()
             group_select = panel.locator("select").nth(3)
-            assert group_select.input_value() == worst
+            assert group_select.input_value().replace("\xa0", " ") == worst
             status = panel.locator(".widget-html-content").nth(1)
             assert re.match(r"\d+ misclassified", status.inner_text()), status.inner_text()
 
             # changing one control changes the output
-            options = [o for o in group_select.locator("option").all_inner_texts() if o != worst]
+            # option labels render spaces as no-break spaces ("Black\xa0or\xa0African...")
+            labels = {o.replace("\xa0", " "): o for o in group_select.locator("option").all_inner_texts()}
+            options = [o for o in labels if o != worst]
             assert options, "the smoke run has a single group"
             before = status.inner_text()
-            group_select.select_option(label=options[0])
+            group_select.select_option(label=labels[options[0]])
             page.wait_for_function("([el, old]) => el.innerText !== old",
                                    arg=[status.element_handle(), before], timeout=STEP_MS)
-            assert options[0] in status.inner_text()
-            group_select.select_option(label=worst)
+            assert options[0] in status.inner_text().replace("\xa0", " ")
+            group_select.select_option(label=labels.get(worst, worst))
             page.wait_for_function("([el, g]) => el.innerText.includes(g)",
                                    arg=[status.element_handle(), worst], timeout=STEP_MS)
 
