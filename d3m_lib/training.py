@@ -307,6 +307,17 @@ def _check_labels(y: np.ndarray, num_outputs: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- train / predict
+def _training_rows(rows, y, num_outputs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows as int64 and checked labels; at least 2 rows, one label per row."""
+    rows = np.asarray(rows, dtype=np.int64)
+    y = _check_labels(y, num_outputs)
+    if len(rows) != len(y):
+        raise ValueError(f"{len(rows)} rows but {len(y)} labels")
+    if len(rows) < 2:
+        raise ValueError(f"need at least 2 training rows, got {len(rows)}")
+    return rows, y
+
+
 def _model_and_optimizer(cfg: TrainConfig, num_outputs: int, device, checkpoint, lr: float):
     """A model (fresh, or loaded from ``checkpoint``) on ``device`` and a fresh SGD optimizer at ``lr``."""
     if checkpoint is None:
@@ -349,12 +360,7 @@ def train(cfg: TrainConfig, images: np.ndarray, rows, y, epochs, out_dir: str | 
     start, end = _epoch_span(epochs, cfg)
     if start > 0 and init_checkpoint is None:
         raise ValueError(f"epochs start at {start + 1}: pass init_checkpoint (e.g. epoch_{start:02d}.pt)")
-    rows = np.asarray(rows, dtype=np.int64)
-    y = _check_labels(y, num_outputs)
-    if len(rows) != len(y):
-        raise ValueError(f"{len(rows)} rows but {len(y)} labels")
-    if len(rows) < 2:
-        raise ValueError(f"need at least 2 training rows, got {len(rows)}")
+    rows, y = _training_rows(rows, y, num_outputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -461,12 +467,7 @@ def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_chec
     """
     from tqdm.auto import tqdm
 
-    rows = np.asarray(rows, dtype=np.int64)
-    y = _check_labels(y, num_outputs)
-    if len(rows) != len(y):
-        raise ValueError(f"{len(rows)} rows but {len(y)} labels")
-    if len(rows) < 2:
-        raise ValueError(f"need at least 2 training rows, got {len(rows)}")
+    rows, y = _training_rows(rows, y, num_outputs)
     if cfg.epochs_more < 1:
         raise ValueError("continue_training needs epochs_more >= 1")
     steps = continuation_steps(cfg, len(rows) if n_reference is None else n_reference) if steps is None \
