@@ -120,22 +120,28 @@ def _fake_trak(run, cohort, finding, seed):
     sc.featurize()
 
 
-def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True) -> dict:
-    """Write a fake run folder under ``root``; returns paths and tables."""
-    rng = np.random.default_rng(seed)
-    run = RunDir(root / "run")
-    cfg = config.resolve({"image_size": FAKE_PX, "width": 4, "min_group_n": 5, "n_boot": 50,
-                          "n_targets": 2, "n_top": 4, "trak_checkpoints": [5]})
+def write_fake_cohort_stage(run: RunDir, cfg, root: Path, px: int, rng) -> tuple[pd.DataFrame, Path]:
+    """Config and a finished stage 01 (fake cohort, image cache) recorded as synthetic; (cohort, data dir)."""
     run.write_config(cfg)
     data = root / "data" / "mimic-cxr-jpg"
     data.mkdir(parents=True)
     st = run.begin("01_cohort", cfg)
     cohort = _fake_cohort(rng)
     cohort.to_parquet(st.path("cohort.parquet"), index=False)
-    _write_image_cache(cohort, st.dir / "image_cache", FAKE_PX, rng)
+    _write_image_cache(cohort, st.dir / "image_cache", px, rng)
     # what notebook 01 records for a synthetic cohort: where the generator wrote it
     st.finish({"data": {"dataset": "mimic", "synthetic": True}, "synthetic": True,
                "synthetic_dir": str(data.parent)})
+    return cohort, data
+
+
+def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True) -> dict:
+    """Write a fake run folder under ``root``; returns paths and tables."""
+    rng = np.random.default_rng(seed)
+    run = RunDir(root / "run")
+    cfg = config.resolve({"image_size": FAKE_PX, "width": 4, "min_group_n": 5, "n_boot": 50,
+                          "n_targets": 2, "n_top": 4, "trak_checkpoints": [5]})
+    cohort, data = write_fake_cohort_stage(run, cfg, root, FAKE_PX, rng)
     gt_rows = cohort[cohort["split"] == "train"].sample(30, random_state=seed)
     gt = pd.DataFrame({"dicom_id": gt_rows["image_id"], "subject_id": gt_rows["subject_id"],
                        "study_id": gt_rows["study_id"], "split": "train",

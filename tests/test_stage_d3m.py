@@ -15,7 +15,7 @@ PX = 16
 
 
 def _tiny_run(root, **over):
-    from test_analysis import _fake_cohort, _write_image_cache
+    from test_analysis import write_fake_cohort_stage
 
     from d3m_lib import attribution, image_cache
 
@@ -25,15 +25,7 @@ def _tiny_run(root, **over):
               "epochs_more": 2, "device": "cpu", "min_group_n": 3, "trak_checkpoints": [1],
               "trak_proj_dim": 16, "d3m_k_grid": [0.05, 0.15], "findings": [FINDING], **over}
     cfg = config.resolve(params)
-    run.write_config(cfg)
-    data = root / "data" / "mimic-cxr-jpg"
-    data.mkdir(parents=True)
-    st = run.begin("01_cohort", cfg)
-    cohort = _fake_cohort(rng)
-    cohort.to_parquet(st.path("cohort.parquet"), index=False)
-    _write_image_cache(cohort, st.dir / "image_cache", PX, rng)
-    st.finish({"data": {"dataset": "mimic", "synthetic": True}, "synthetic": True,
-               "synthetic_dir": str(data.parent)})
+    cohort, data = write_fake_cohort_stage(run, cfg, root, PX, rng)
     tr = cohort[(cohort["split"] == "train") & cohort[FINDING].notna()]
     gt = tr.sample(12, random_state=0)
     pd.DataFrame({"dicom_id": gt["image_id"], "finding": FINDING, "kind": "label_flip", "split": "train"}
