@@ -322,12 +322,9 @@ def _model_and_optimizer(cfg: TrainConfig, num_outputs: int, device, checkpoint,
     """A model (fresh, or loaded from ``checkpoint``) on ``device`` and a fresh SGD optimizer at ``lr``."""
     if checkpoint is None:
         model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width, pretrained=cfg.pretrained)
+        model = model.to(device)
     else:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        model = build_model(cfg.arch, num_outputs=num_outputs, width=cfg.width)
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    model = model.to(device)
+        model = load_model(cfg, checkpoint, num_outputs, device).train()
     if device.type != "cpu":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
