@@ -157,7 +157,9 @@ PARAMS: tuple[Param, ...] = (
     P("arch", "resnet9", "resnet9 (fast) or resnet50 (as in the source study)", TRAIN,
       choices=("resnet9", "resnet50")),
     P("width", 8, "ResNet-9 width (ignored by resnet50)", TRAIN, type="int", check=_range(1)),
-    P("pretrained", None, "local state_dict file to start from (no downloads are made)", (S02, S03),
+    P("pretrained", None, "local state_dict file to start from, or imagenet (resnet50: torchvision's ImageNet "
+      "weights, from the torch hub cache or the file D3M_RESNET50_IMAGENET names; downloaded only without either)",
+      (S02, S03),
       type="path", nullable=True),
     P("batch_size", 128, "training batch size", TRAIN, type="int", check=_range(1)),
     P("lr", 0.2, "peak learning rate", TRAIN, type="float", check=_range(0, lo_open=True)),
@@ -337,8 +339,14 @@ def _check_combination(c: Mapping[str, Any], base: Path | None) -> list[str]:
             errs.append("parameter 'nih_dir' must be set when dataset is 'nih'")
         elif not Path(c["nih_dir"]).is_dir():
             errs.append(f"parameter 'nih_dir' = {c['nih_dir']!r}: no such folder")
+    if c["pretrained"] == "imagenet":   # torchvision's ImageNet ResNet-50: a local file, or a download
+        from .models import imagenet_problem
+
+        problem = imagenet_problem(c["arch"])
+        if problem:
+            errs.append(problem)
     for k in ("pretrained", "synthetic_ground_truth"):
-        if c[k] is not None and not Path(c[k]).is_file():
+        if c[k] is not None and not (k == "pretrained" and c[k] == "imagenet") and not Path(c[k]).is_file():
             errs.append(f"parameter {k!r} = {c[k]!r}: no such file")
     if c["device"] == "cuda":
         import torch
@@ -349,7 +357,8 @@ def _check_combination(c: Mapping[str, Any], base: Path | None) -> list[str]:
 
 
 def _absolute(name: str, value: Any, base: Path | None) -> Any:
-    if name in PATH_PARAMS and isinstance(value, str) and base is not None and not os.path.isabs(value):
+    if (name in PATH_PARAMS and isinstance(value, str) and base is not None and not os.path.isabs(value)
+            and not (name == "pretrained" and value == "imagenet")):
         return str((base / value).resolve())
     return value
 

@@ -1,12 +1,22 @@
 """Single-channel classifiers: ResNet-9 (width parameter) and torchvision's ResNet-50.
 
 ``build_model(arch, ...)`` is the one entry point the training code uses.
-Pretrained weights can only come from a local ``state_dict`` file: these
-machines cannot download anything, and credentialed runs must not try to.
+Pretrained weights (parameter ``pretrained``) come from a local ``state_dict``
+file, or, for ResNet-50, ``"imagenet"``: torchvision's ImageNet weights
+(``ResNet50_Weights.IMAGENET1K_V2``), adapted to one input channel. Those are
+read from a local file when there is one (:func:`imagenet_file`: the file named
+by ``$D3M_RESNET50_IMAGENET``, else ``resnet50-11ad3fa6.pth`` in torch's hub
+cache, ``$TORCH_HOME/hub/checkpoints/``); only without one are they downloaded
+through torchvision's weights API, and only when download.pytorch.org answers
+and ``$D3M_OFFLINE`` is not ``1``. :func:`imagenet_problem` says, before any work
+(the configuration check calls it), why neither is possible and how to provide
+the file. Nothing else is ever downloaded.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -16,11 +26,84 @@ import torchvision
 ARCHS = ("resnet9", "resnet50")
 
 _NO_DOWNLOAD = (
-    "No downloads are possible here. Provide the weights as a local state_dict file and pass "
-    "its path as the `pretrained` parameter: e.g. on a machine with network access run "
+    "No downloads are made for a path. Provide the weights as a local state_dict file and pass "
+    "its path as the `pretrained` parameter (e.g. on a machine with network access run "
     "`torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), "
-    "'resnet50_imagenet.pt')` and copy the file here."
+    "'resnet50_imagenet.pt')` and copy the file here), or use `pretrained: imagenet` for "
+    "torchvision's ImageNet ResNet-50 weights."
 )
+
+
+IMAGENET = "imagenet"   # the `pretrained` value for torchvision's ImageNet ResNet-50 weights
+IMAGENET_FILE = "resnet50-11ad3fa6.pth"   # ResNet50_Weights.IMAGENET1K_V2's file name in torch's hub cache
+IMAGENET_ENV = "D3M_RESNET50_IMAGENET"    # a local copy of that file, anywhere
+OFFLINE_ENV = "D3M_OFFLINE"               # "1": never try to download the ImageNet weights
+_DOWNLOAD_HOST = ("download.pytorch.org", 443)
+
+
+def imagenet_file() -> Path | None:
+    """The local ImageNet ResNet-50 weights: ``$D3M_RESNET50_IMAGENET`` if set, else the torch hub cache.
+
+    The hub cache file is ``<torch.hub.get_dir()>/checkpoints/resnet50-11ad3fa6.pth``
+    (``$TORCH_HOME/hub/checkpoints/`` when ``TORCH_HOME`` is set, by default
+    ``~/.cache/torch/hub/checkpoints/``), where torchvision's weights API itself puts it.
+    None when the environment variable is unset and the cache holds no such file; the
+    path named by the variable is returned even when it does not exist (the check says so).
+    """
+    env = os.environ.get(IMAGENET_ENV)
+    if env:
+        return Path(env).expanduser()
+    import torch.hub
+
+    f = Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+    return f if f.is_file() else None
+
+
+def can_download(timeout: float = 2.0) -> bool:
+    """Whether the ImageNet weights could be downloaded now: ``$D3M_OFFLINE`` unset and the host answers."""
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection(_DOWNLOAD_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def imagenet_instructions() -> str:
+    """How to provide the ImageNet ResNet-50 weights file without network access."""
+    import torch.hub
+
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return (f"Provide torchvision's ResNet-50 ImageNet weights as a local file: on a machine with network "
+            f"access run `python -c \"import torchvision; torchvision.models.resnet50(weights='IMAGENET1K_V2')\"` "
+            f"(it saves {IMAGENET_FILE} in its torch hub cache, ~/.cache/torch/hub/checkpoints/), or download "
+            f"https://download.pytorch.org/models/{IMAGENET_FILE}; then copy the file to {cache / IMAGENET_FILE} "
+            f"(this machine's $TORCH_HOME/hub/checkpoints/), or set {IMAGENET_ENV}=/path/to/{IMAGENET_FILE}, "
+            f"or pass the file itself: `pretrained: /path/to/{IMAGENET_FILE}` (any ResNet-50 state_dict works)")
+
+
+def imagenet_problem(arch: str = "resnet50", probe: bool = True) -> str | None:
+    """Why ``pretrained: imagenet`` cannot work here, or None. Cheap: no weights are read.
+
+    OK when ``arch`` is resnet50 and a local file exists (:func:`imagenet_file`) or,
+    with ``probe``, the download host answers (:func:`can_download`).
+    """
+    if arch != "resnet50":
+        return (f"parameter 'pretrained' = 'imagenet' names torchvision's ImageNet ResNet-50 weights, but "
+                f"'arch' is {arch!r}; use arch: resnet50, or pass a local state_dict file for {arch}")
+    f = imagenet_file()
+    if f is not None:
+        if f.is_file():
+            return None
+        return (f"parameter 'pretrained' = 'imagenet': {IMAGENET_ENV}={os.environ.get(IMAGENET_ENV)!r} "
+                f"names no file. {imagenet_instructions()}")
+    if probe and can_download():
+        return None
+    why = (f"{OFFLINE_ENV}=1 forbids downloads" if os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+           else f"{_DOWNLOAD_HOST[0]} cannot be reached from here")
+    return (f"parameter 'pretrained' = 'imagenet': no local copy of the weights was found and they cannot be "
+            f"downloaded ({why}). {imagenet_instructions()}")
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -111,6 +194,28 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {path}. {_NO_DOWNLOAD}")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    return _load_state(model, state, path)
+
+
+def load_imagenet(model: nn.Module) -> nn.Module:
+    """torchvision's ImageNet ResNet-50 weights (IMAGENET1K_V2) into ``model``, one input channel.
+
+    From the local file (:func:`imagenet_file`) when there is one, else through
+    torchvision's weights API (a download into torch's hub cache); without either a
+    ``FileNotFoundError`` that says how to provide the file.
+    """
+    problem = imagenet_problem("resnet50" if isinstance(model, torchvision.models.ResNet) else "resnet9")
+    if problem:
+        raise FileNotFoundError(problem)
+    f = imagenet_file()
+    if f is not None:
+        return load_pretrained(model, f)
+    state = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False, check_hash=True)
+    return _load_state(model, state, f"torchvision {IMAGENET_FILE}")
+
+
+def _load_state(model: nn.Module, state, path) -> nn.Module:
+    """Load a state_dict read from ``path`` into ``model`` (see :func:`load_pretrained`)."""
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -145,8 +250,9 @@ def build_model(arch: str, num_outputs: int = 1, width: int = 64,
     """The model named by ``arch`` (``resnet9`` or ``resnet50``), optionally with local weights.
 
     ``width`` applies to ResNet-9 only. ``pretrained`` is ``None`` (random
-    init) or the path of a local state_dict file; names such as ``"imagenet"``
-    that would need a download are refused with instructions.
+    init), ``"imagenet"`` (ResNet-50 only: :func:`load_imagenet`) or the path of a
+    local state_dict file; any other name that is not a file is refused with
+    instructions.
     """
     if arch == "resnet9":
         model = resnet9(num_outputs=num_outputs, width=width, in_channels=in_channels)
@@ -154,7 +260,11 @@ def build_model(arch: str, num_outputs: int = 1, width: int = 64,
         model = resnet50(num_outputs=num_outputs, in_channels=in_channels)
     else:
         raise ValueError(f"parameter `arch` must be one of {ARCHS}, got {arch!r}")
-    if pretrained not in (None, "", False):
+    if pretrained == IMAGENET:
+        if arch != "resnet50":
+            raise ValueError(imagenet_problem(arch))
+        load_imagenet(model)
+    elif pretrained not in (None, "", False):
         p = Path(str(pretrained))
         if not p.suffix and not p.exists():
             raise FileNotFoundError(f"`pretrained={pretrained!r}` names no local file. {_NO_DOWNLOAD}")

@@ -45,6 +45,24 @@ def test_bad_values_name_the_parameter_and_what_is_allowed(values, message):
         resolve(values)
 
 
+def test_pretrained_imagenet_is_refused_before_any_work_without_network_or_file(tmp_path, monkeypatch):
+    from d3m_lib import models
+
+    monkeypatch.setenv(models.OFFLINE_ENV, "1")          # never reach the network in tests
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv(models.IMAGENET_ENV, raising=False)
+    with pytest.raises(ConfigError, match="'pretrained' = 'imagenet': no local copy") as err:
+        resolve({"arch": "resnet50", "pretrained": "imagenet"}, base=tmp_path)
+    assert str(tmp_path / "hub" / "checkpoints" / models.IMAGENET_FILE) in str(err.value)
+    with pytest.raises(ConfigError, match="'arch' is 'resnet9'"):
+        resolve({"pretrained": "imagenet"})
+    f = tmp_path / "hub" / "checkpoints" / models.IMAGENET_FILE
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"")   # the check looks for the file only; it reads no weights
+    cfg = resolve({"arch": "resnet50", "pretrained": "imagenet"}, base=tmp_path)
+    assert cfg.pretrained == "imagenet"   # not turned into a path
+
+
 def test_several_problems_are_reported_together():
     with pytest.raises(ConfigError) as err:
         resolve({"seeds": "abc", "ci_level": 2.0})

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from d3m_lib import models
 from d3m_lib.models import build_model, count_params, resnet9, resnet50
 
 
@@ -36,7 +37,68 @@ def test_pretrained_missing_file_says_no_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="No downloads"):
         build_model("resnet50", pretrained=tmp_path / "nope.pt")
     with pytest.raises(FileNotFoundError, match="No downloads"):
+        build_model("resnet50", pretrained="imagenet_weights")
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No network (D3M_OFFLINE=1: nothing is ever downloaded) and an empty torch hub cache."""
+    monkeypatch.setenv(models.OFFLINE_ENV, "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv(models.IMAGENET_ENV, raising=False)
+    monkeypatch.setattr(models.socket, "create_connection", _no_network)
+    return tmp_path / "torch_home" / "hub" / "checkpoints" / models.IMAGENET_FILE
+
+
+def _no_network(*a, **k):
+    raise AssertionError("a test tried to reach the network")
+
+
+def test_imagenet_without_network_or_file_is_refused_with_instructions(offline):
+    problem = models.imagenet_problem("resnet50")
+    assert "cannot be downloaded" in problem and models.OFFLINE_ENV in problem
+    assert str(offline) in problem and models.IMAGENET_ENV in problem and "pretrained: /path/to/" in problem
+    with pytest.raises(FileNotFoundError, match="no local copy"):
         build_model("resnet50", pretrained="imagenet")
+    assert "arch" in models.imagenet_problem("resnet9")
+    with pytest.raises(ValueError, match="ImageNet ResNet-50"):
+        build_model("resnet9", pretrained="imagenet")
+
+
+def test_imagenet_reads_the_hub_cache_file_or_the_env_file(offline, monkeypatch):
+    torch.manual_seed(0)
+    rgb = torchvision.models.resnet50(weights=None)
+    offline.parent.mkdir(parents=True)
+    torch.save(rgb.state_dict(), offline)   # where torchvision's weights API caches IMAGENET1K_V2
+    assert models.imagenet_file() == offline and models.imagenet_problem("resnet50") is None
+    m = build_model("resnet50", num_outputs=1, pretrained="imagenet")
+    assert torch.allclose(m.conv1.weight, rgb.conv1.weight.sum(1, keepdim=True))
+    other = offline.parent / "elsewhere.pth"
+    offline.rename(other)
+    monkeypatch.setenv(models.IMAGENET_ENV, str(other))
+    assert models.imagenet_problem("resnet50") is None
+    assert torch.equal(build_model("resnet50", pretrained="imagenet").layer1[0].conv1.weight,
+                       rgb.layer1[0].conv1.weight)
+    monkeypatch.setenv(models.IMAGENET_ENV, str(offline))   # named but absent
+    assert "names no file" in models.imagenet_problem("resnet50")
+
+
+def test_imagenet_download_uses_torchvisions_weights_api(offline, monkeypatch):
+    """With network (simulated) the weights come through ResNet50_Weights; nothing is fetched here."""
+    monkeypatch.delenv(models.OFFLINE_ENV)
+    monkeypatch.setattr(models, "can_download", lambda timeout=2.0: True)
+    rgb = torchvision.models.resnet50(weights=None)
+    calls = []
+
+    def fake_get_state_dict(self, *a, **k):
+        calls.append(self)
+        return rgb.state_dict()
+
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.__class__, "get_state_dict",
+                        fake_get_state_dict)
+    m = build_model("resnet50", pretrained="imagenet")
+    assert calls == [torchvision.models.ResNet50_Weights.IMAGENET1K_V2]
+    assert torch.allclose(m.conv1.weight, rgb.conv1.weight.sum(1, keepdim=True))
 
 
 def test_pretrained_imagenet_style_file_is_adapted(tmp_path):
