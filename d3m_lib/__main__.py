@@ -1,4 +1,4 @@
-"""Command line: ``python -m d3m_lib run | book | params | status | demo-data``."""
+"""Command line: ``python -m d3m_lib run | book | params | status | power | demo-data``."""
 
 from __future__ import annotations
 
@@ -40,8 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--notebooks", help="folder of the source notebooks (default as for run)")
 
     sub.add_parser("params", help="list every parameter: default, allowed values, stages, meaning")
-    st = sub.add_parser("status", help="state of each stage of a run folder")
+    st = sub.add_parser("status", help="state of each stage of a run folder (exit 1 unless all current)",
+                        description="Check each stage of a run folder: finished, current with its "
+                                    "configuration, its files and inputs as they were written.")
     st.add_argument("run_dir")
+    st.add_argument("--notebooks", help="folder of the source notebooks (default as for run)")
+    pw = sub.add_parser("power", help="minimum detectable effect of a finished run's primary contrast",
+                        description="Between-seed and test-sampling variance of the pre-specified primary "
+                                    "contrast (d3m_lib.power), its minimum detectable effect at 80%% power "
+                                    "(two-sided), and with --effect the seeds and test patients it needs.")
+    pw.add_argument("run_dir")
+    pw.add_argument("--effect", type=float, help="effect to detect, e.g. 0.05: print the seeds needed per "
+                                                 "test-set size")
 
     d = sub.add_parser("demo-data", help="write a synthetic MIMIC-CXR-JPG + MIMIC-IV copy",
                        description="Write a synthetic cohort in MIMIC's file layout, with planted "
@@ -72,14 +82,21 @@ def main(argv: list[str] | None = None) -> int:
             if cfg is None:
                 raise RunnerError(f"{r.path} has no config.json: not a run folder")
             print(f"{r.path}: run {run_status(r) or 'never started by the runner'}")
-            problems = stage_problems(r, cfg, study_notebooks())
+            problems = stage_problems(r, cfg, study_notebooks(args.notebooks))
             print("\n".join(f"  {p}" for p in problems) or "  every stage is current")
+            return 1 if problems else 0     # scripts can test it: not every stage is current
+        elif args.command == "power":
+            from . import power
+
+            if args.effect is not None and not 0 < args.effect < 1:
+                raise RunnerError(f"--effect {args.effect}: must lie strictly between 0 and 1")
+            print(power.from_run(args.run_dir).text(args.effect))
         elif args.command == "demo-data":
             try:
                 synthetic.main(args)
             except (ValueError, TypeError, OSError) as exc:
                 raise RunnerError(f"demo-data: {exc}") from exc
-    except (RunnerError, ConfigError, RunBusyError, StaleArtifactError) as exc:
+    except (RunnerError, ConfigError, RunBusyError, StaleArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

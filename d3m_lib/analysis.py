@@ -16,8 +16,8 @@ removed; :func:`worst_group_errors`, :func:`influence_composition` and
 Every number comes from :class:`d3m_lib.metrics.GroupMetrics`, one per
 (finding, split), over every (method, seed) model on the same images. Its module
 docstring states the rules: patient-level cluster bootstrap within group,
-seeds pooled over shared resamples (point = mean over seeds; interval =
-percentile of the pooled seeds x resamples), paired differences per seed and
+every model on the same patient resamples (point = mean over seeds; interval =
+two-level bootstrap of that mean, seeds and patients resampled), paired differences per seed and
 resample (seeds paired by number: a method's seed ``s`` and the baseline's seed
 ``s`` start from the same anchor checkpoint), and one worst-group rule
 (``min_group_n``, ties to the group name sorting first).
@@ -92,10 +92,11 @@ class MethodComparison:
             p[c] = p[c].astype(str)
         p["seed"] = p["seed"].astype(int)
         p["row"] = p["row"].astype(int)
-        dup = p.duplicated(["finding", "method", "seed", "split", "row"])
+        p["draw"] = p["draw"].fillna(0).astype(int) if "draw" in p.columns else 0  # draws of a control
+        dup = p.duplicated(["finding", "method", "seed", "draw", "split", "row"])
         if dup.any():
             raise ValueError(f"predictions table has {int(dup.sum())} duplicated "
-                             "(finding, method, seed, split, row) entries")
+                             "(finding, method, seed, draw, split, row) entries")
         bad_y = ~p["y"].isin([0, 1])
         if bad_y.any():
             raise ValueError(f"predictions column 'y' must be 0/1; {int(bad_y.sum())} rows are not")
@@ -144,7 +145,7 @@ class MethodComparison:
             try:
                 self._engines[key] = GroupMetrics.from_frame(
                     sub, cluster="subject_id" if self.cluster_unit == "patient" else None, model="method",
-                    seed="seed", row="row", n_boot=self.n_boot, ci_level=self.ci_level,
+                    seed="seed", row="row", draw="draw", n_boot=self.n_boot, ci_level=self.ci_level,
                     random_state=[self.seed, _stable_seed(finding, split)], min_group_n=self.min_group_n)
             except ValueError as e:
                 raise ValueError(f"{finding}/{split}: {e}") from e
@@ -274,7 +275,7 @@ class MethodComparison:
 
         Worst = lowest (highest for FPR/FNR) over groups with at least
         ``min_group_n`` images; point: mean over seeds of each seed's worst value;
-        interval: pooled percentile of per-seed, per-resample worst values.
+        interval: the two-level bootstrap of that mean (:mod:`d3m_lib.metrics`).
         Columns: finding, method, wga, lo, hi, worst_group (worst group of the
         seed means; ties to the name sorting first), n_worst, n_seeds, excluded_groups.
         """
@@ -296,17 +297,34 @@ class MethodComparison:
         """Paired worst-group differences ``a - b`` per finding, for the pairs whose methods were run.
 
         Each method's worst group is taken per seed and resample; seeds paired by
-        number. Columns: finding, a, b, diff, lo, hi, n_pairs, excludes_zero.
+        number; the interval is that of the mean over seeds (two-level bootstrap).
+        Columns: finding, a, b, diff, lo, hi, seed_sd, n_pairs, excludes_zero, p (two-sided
+        bootstrap p-value of 0).
         """
         recs = []
         for f in findings or self.findings:
             eng = self.engine(f, split)
-            for a, b in pairs:
+            for a, b in dict.fromkeys(map(tuple, pairs)):
                 if a in eng.models and b in eng.models:
                     d = eng.paired_worst_ci(a, b, metric)
                     recs.append(dict(finding=f, a=a, b=b, diff=d["value"], lo=d["lo"], hi=d["hi"],
-                                     n_pairs=d["n_seeds"], excludes_zero=bool(d["lo"] > 0 or d["hi"] < 0)))
-        return pd.DataFrame(recs, columns=["finding", "a", "b", "diff", "lo", "hi", "n_pairs", "excludes_zero"])
+                                     seed_sd=d["seed_sd"], n_pairs=d["n_seeds"],
+                                     excludes_zero=bool(d["lo"] > 0 or d["hi"] < 0), p=d["p"]))
+        return pd.DataFrame(recs, columns=["finding", "a", "b", "diff", "lo", "hi", "seed_sd", "n_pairs",
+                                           "excludes_zero", "p"])
+
+    def seed_differences(self, pairs, split: str = "test", metric: str = "accuracy",
+                         findings: list[str] | None = None) -> pd.DataFrame:
+        """Each seed's paired worst-group difference ``a - b`` on the full test set (the per-seed values
+        shown beside every headline interval). Columns: finding, a, b, seed, diff."""
+        recs = []
+        for f in findings or self.findings:
+            eng = self.engine(f, split)
+            for a, b in dict.fromkeys(map(tuple, pairs)):
+                if a in eng.models and b in eng.models:
+                    seeds, d = eng.paired_worst(a, b, metric)
+                    recs += [dict(finding=f, a=a, b=b, seed=s, diff=float(v)) for s, v in zip(seeds, d[:, 0])]
+        return pd.DataFrame(recs, columns=["finding", "a", "b", "seed", "diff"])
 
     def recovery(self, method: str = "d3m", ceiling: str = "oracle", baseline: str = "erm",
                  split: str = "test", metric: str = "accuracy", findings: list[str] | None = None) -> pd.DataFrame:

@@ -671,11 +671,11 @@ def harm_ranking_auroc(scores_by_seed: Sequence[np.ndarray], planted, clusters=N
 
     Interval as in :mod:`d3m_lib.metrics`: a patient-level bootstrap of the
     training images (``clusters``: their patient ids; None: each image its own),
-    the same resamples for every seed; point = mean over seeds, interval =
-    percentile interval of the pooled seeds x ``n_boot`` replicates.
+    the same resamples for every seed; point = mean over seeds, interval = the
+    two-level bootstrap of that mean (:func:`metrics.seed_mean_replicates`).
     Returns ``value, lo, hi, seed_values, n, n_planted``.
     """
-    from .metrics import _interval, cluster_bootstrap_weights, metric_values
+    from .metrics import _interval, cluster_bootstrap_weights, metric_values, seed_mean_replicates
 
     planted = np.asarray(planted, dtype=bool)
     n = len(planted)
@@ -694,12 +694,26 @@ def harm_ranking_auroc(scores_by_seed: Sequence[np.ndarray], planted, clusters=N
             raise ValueError(f"{len(s)} scores but {n} planted flags")
         reps.append(metric_values("auroc", planted, None, -s, w))
     reps = np.array(reps)
-    lo, hi = _interval(reps[:, 1:], ci_level) if n_boot else (np.nan, np.nan)
+    lo, hi = _interval(seed_mean_replicates(reps, random_state), ci_level) if n_boot else (np.nan, np.nan)
     return dict(value=float(reps[:, 0].mean()), lo=lo, hi=hi, seed_values=reps[:, 0].tolist(),
                 n=int(n), n_planted=int(planted.sum()))
 
 
 # -- linear datamodeling score ----------------------------------------------
+def _subsets(rng: np.random.Generator, n_train: int, n_models: int, subset_fraction: float) -> np.ndarray:
+    k = int(round(subset_fraction * n_train))
+    masks = np.zeros((n_models, n_train), dtype=bool)
+    for m in masks:
+        m[rng.choice(n_train, size=k, replace=False)] = True
+    return masks   # (models, train)
+
+
+def lds_subsets(n_train: int, n_models: int, subset_fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """The ``n_models x n_train`` subset masks :func:`lds` draws for ``seed``, in the order it asks for
+    their margins (so the models can be trained beforehand, in parallel)."""
+    return _subsets(np.random.default_rng(seed), n_train, n_models, subset_fraction)
+
+
 def lds(scores: np.ndarray, train_subset_margins: Callable[[np.ndarray], np.ndarray],
         n_models: int, subset_fraction: float = 0.5, seed: int = 0, n_boot: int = 1000,
         ci_level: float = 0.95) -> dict:
@@ -718,14 +732,8 @@ def lds(scores: np.ndarray, train_subset_margins: Callable[[np.ndarray], np.ndar
         raise ValueError(f"trak_lds_models={n_models}: need at least 3 subset models")
     rng = np.random.default_rng(seed)
     n_train, n_targets = scores.shape
-    k = int(round(subset_fraction * n_train))
-    masks, actual = [], []
-    for _ in range(n_models):
-        mask = np.zeros(n_train, dtype=bool)
-        mask[rng.choice(n_train, size=k, replace=False)] = True
-        masks.append(mask)
-        actual.append(np.asarray(train_subset_margins(mask), dtype=np.float64))
-    masks, actual = np.array(masks), np.array(actual)  # (models, train), (models, targets)
+    masks = _subsets(rng, n_train, n_models, subset_fraction)
+    actual = np.array([np.asarray(train_subset_margins(m), dtype=np.float64) for m in masks])
     predicted = masks.astype(np.float64) @ scores
     rho = np.array([stats.spearmanr(predicted[:, j], actual[:, j]).statistic
                     for j in range(n_targets)])

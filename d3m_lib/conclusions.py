@@ -59,10 +59,13 @@ def interval_reading(lo: float, hi: float) -> str:
 
 
 def paired_sentence(a: str, b: str, est: float, lo: float, hi: float, metric: str = "accuracy",
-                    ci_level: float = 0.95, finding: str | None = None, fmt: str = ".3f") -> str:
+                    ci_level: float = 0.95, finding: str | None = None, fmt: str = ".3f",
+                    p_holm: float | None = None) -> str:
     """One sentence on the paired difference ``a - b``; a direction is claimed only if the interval excludes 0.
 
-    ``a``, ``b``: method names (their registry labels are printed).
+    ``a``, ``b``: method names (their registry labels are printed). ``p_holm``: for a secondary
+    contrast, its Holm-adjusted p-value; a direction is then claimed only where it is below
+    ``1 - ci_level`` as well.
     """
     la, lb = _methods.label(a), _methods.label(b)
     what = METRIC_PHRASES.get(metric, metric)
@@ -71,11 +74,16 @@ def paired_sentence(a: str, b: str, est: float, lo: float, hi: float, metric: st
     diff = interval_text(est, lo, hi, fmt, signed=True)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{head}{la} − {lb} in {what}: {diff}; no paired interval, so no difference is claimed."
-    if excludes_zero(lo, hi):
+    holm_ok = p_holm is None or (math.isfinite(p_holm) and p_holm < 1 - ci_level)
+    if excludes_zero(lo, hi) and holm_ok:
         better = (est > 0) != (metric in ("fpr", "fnr"))
         verdict = f"{la} is {'better' if better else 'worse'} than {lb}"
-        return (f"{head}{la} − {lb} in {what}: {diff}; the {pct} paired interval excludes 0, "
+        adj = "" if p_holm is None else f" and its Holm-adjusted p is {p_holm:.3f}"
+        return (f"{head}{la} − {lb} in {what}: {diff}; the {pct} paired interval excludes 0{adj}, "
                 f"so {verdict}.")
+    if excludes_zero(lo, hi):
+        return (f"{head}{la} − {lb} in {what}: {diff}; the {pct} paired interval excludes 0, but after Holm's "
+                f"correction over the secondary contrasts p = {p_holm:.3f}, so no difference is claimed.")
     return (f"{head}{la} − {lb} in {what}: {diff}; the {pct} paired interval includes 0, "
             f"so this difference is not reliable.")
 
@@ -83,7 +91,8 @@ def paired_sentence(a: str, b: str, est: float, lo: float, hi: float, metric: st
 def paired_sentences(paired: pd.DataFrame, metric: str = "accuracy", ci_level: float = 0.95,
                      fmt: str = ".3f") -> list[str]:
     """One :func:`paired_sentence` per row of :meth:`~d3m_lib.analysis.MethodComparison.paired_table`."""
-    return [paired_sentence(r.a, r.b, r.diff, r.lo, r.hi, metric, ci_level, r.finding, fmt)
+    return [paired_sentence(r.a, r.b, r.diff, r.lo, r.hi, metric, ci_level, r.finding, fmt,
+                            getattr(r, "p_holm", None) if getattr(r, "role", "") == "secondary" else None)
             for r in paired.itertuples()]
 
 
@@ -225,3 +234,47 @@ def removal_sentence(method: str, group: str, rate: float, overall_rate: float, 
     head = f"{finding}: " if finding else ""
     return (f"{head}{_methods.label(method)} removed {rate:.1%} of the {noun} group {group}'s training images, "
             f"the highest rate of any group (all groups: {overall_rate:.1%}).")
+
+
+def verdict(lo: float, hi: float, delta: float) -> str:
+    """The reading of the primary contrast: ``supported`` / ``contradicted`` (the interval excludes 0, above /
+    below), ``smaller than delta`` (it lies inside ``[-delta, delta]``), else ``inconclusive``."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive"
+    if lo > 0:
+        return "supported"
+    if hi < 0:
+        return "contradicted"
+    if -delta <= lo and hi <= delta:
+        return "smaller than delta"
+    return "inconclusive"
+
+
+def verdict_sentence(a: str, b: str, finding: str, est: float, lo: float, hi: float, delta: float,
+                     mde: float, n_seeds: int, ci_level: float = 0.95) -> str:
+    """The study's answer in one sentence: the pre-specified primary contrast ``a − b`` and its reading."""
+    la, lb = _methods.label(a), _methods.label(b)
+    what = (f"{la} − {lb} in test worst-group accuracy on {finding} is "
+            f"{interval_text(est, lo, hi, signed=True)} ({_pct(ci_level)} interval of the mean over "
+            f"{n_seeds} seed{'s' if n_seeds != 1 else ''})")
+    v = verdict(lo, hi, delta)
+    if v == "supported":
+        return f"Supported: {what}, so {la} raised the worst group's accuracy more than {lb}."
+    if v == "contradicted":
+        return f"Contradicted: {what}, so {la} lowered the worst group's accuracy compared with {lb}."
+    if v == "smaller than delta":
+        return (f"Smaller than {delta:g}: {what}, inside ±{delta:g}, so any difference between {la} and {lb} "
+                f"is smaller than the smallest effect worth having.")
+    mde_s = f"{mde:.3f}" if math.isfinite(mde) else "not estimable with one seed"
+    return (f"Inconclusive at this run's power: {what}, which includes 0 and reaches beyond ±{delta:g}; "
+            f"the smallest effect this run could detect (80% power) is {mde_s}.")
+
+
+def claim_reading(role: str, lo: float, hi: float, p_holm: float, alpha: float) -> str:
+    """How a row of the paired table is read: the primary contrast by its interval, the secondary ones
+    by their Holm-adjusted p-value (family: every secondary contrast of the run)."""
+    if role == "primary":
+        return f"primary: {interval_reading(lo, hi).replace('lies entirely', 'entirely')}"
+    if not math.isfinite(p_holm):
+        return "secondary: no interval"
+    return (f"secondary: Holm p = {p_holm:.3f}, " + ("claimed" if p_holm < alpha else "not claimed"))

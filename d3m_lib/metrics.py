@@ -38,19 +38,26 @@ intervals cannot leave them (they are clipped as a guard).
 
 Several seeds: one rule for every quantity
 ------------------------------------------
-Every model (model/method, seed) is evaluated on the **same** resamples. For a
+Every model (model/method, seed) is evaluated on the **same** patient resamples. For a
 quantity ``q`` (a group's metric, the worst group's metric, a gap, a paired
-difference):
+difference, the share of the oracle's gain):
 
-* point = mean over seeds of ``q`` on the full evaluation set;
-* interval = percentile interval of the pooled ``seeds x n_boot`` replicates of ``q``
-  (``q`` computed per seed and per resample).
+* point = mean over the S seeds of ``q`` on the full evaluation set;
+* interval = a **two-level bootstrap of that mean** (:func:`seed_mean_replicates`):
+  replicate ``b`` draws S seeds with replacement and, independently, patients
+  within each group (resample ``b`` of the shared weights, the same draw for every
+  arm and seed, so arms stay paired); it averages ``q`` over the drawn seeds. The
+  seed draw of replicate ``b`` is the same for every quantity with the same seeds.
 
-The pooled distribution mixes the seeds' bootstrap distributions, so its width
-holds both training randomness (between seeds) and test-set sampling (within
-seed). With one seed it is the plain cluster bootstrap. It replaces notebook
-03's Student-t interval over seeds, which ignores test-set sampling, has zero
-width where seeds agree and can leave [0, 1].
+The interval therefore holds the between-seed spread of the mean (``s_b^2 / S``)
+and the test-set sampling (``s_w^2``): it narrows as seeds are added and as the
+test set grows. With one seed, or seeds that agree exactly, it is the plain
+cluster bootstrap. (The percentile interval of the *pooled* seeds x resamples,
+used before, is the spread of one seed's value and does not narrow with seeds.)
+``seed_sd`` is the per-seed spread, kept as its own column. A model with several
+*draws* per seed (count-matched random removal, drawn ``random_draws`` times) is
+averaged over its draws within each seed and resample before anything else: its
+own luck is then not confounded with the training seed.
 
 Paired differences
 ------------------
@@ -86,6 +93,7 @@ THRESHOLD_RULES = ("youden", "max_accuracy", "fixed_0.5")
 ALL = "All"
 LOWER_IS_BETTER = frozenset({"fpr", "fnr"})
 _TIE_DECIMALS = 12
+DESCRIPTIVE_SEED = 0  # bootstrap seed of the descriptive tables (notebooks 02-04); stats_seed seeds 06
 _CHUNK = 20_000_000  # resample rows x images processed at once (memory bound)
 
 
@@ -248,6 +256,58 @@ def _interval(reps, ci_level: float, bounds=(0.0, 1.0)) -> tuple[float, float]:
     return (float(np.clip(lo, *bounds)), float(np.clip(hi, *bounds)))
 
 
+def seed_draws(n_seeds: int, n_boot: int, random_state=0) -> np.ndarray:
+    """``n_boot x n_seeds`` positions of the seeds drawn with replacement, replicate by replicate.
+
+    Seeded by ``(random_state, n_seeds)`` only, so every quantity over the same seeds uses the
+    same seed draw in replicate ``b`` (paired). With one seed every entry is 0.
+    """
+    rng = np.random.default_rng(_group_seed(random_state, f"__seeds__{int(n_seeds)}"))
+    return rng.integers(0, int(n_seeds), size=(int(n_boot), int(n_seeds)))
+
+
+def seed_mean_replicates(arr, random_state=0) -> np.ndarray:
+    """The two-level bootstrap of a mean over seeds (module docstring).
+
+    ``arr``: seeds x (1 + n_boot), column 0 each seed's value on the full set,
+    column ``1 + b`` its value under patient resample ``b``. Returns ``n_boot``
+    replicates of the seed mean: replicate ``b`` averages column ``1 + b`` over
+    the seeds drawn by :func:`seed_draws` (NaN seeds left out; NaN when all are).
+    """
+    a = np.asarray(arr, dtype=float)
+    if a.ndim != 2 or a.shape[1] < 2:
+        return np.full(0, np.nan)
+    S, B = a.shape[0], a.shape[1] - 1
+    idx = seed_draws(S, B, random_state)
+    picked = a[:, 1:][idx, np.arange(B)[:, None]]  # B x S
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(picked, axis=1)
+
+
+def bootstrap_p(reps) -> float:
+    """Two-sided bootstrap p-value of "the difference is 0": ``2 min(P(rep <= 0), P(rep >= 0))``, at most 1."""
+    v = np.asarray(reps, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan")
+    return float(min(1.0, 2 * min((v <= 0).mean(), (v >= 0).mean())))
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control); NaN stays NaN."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    if ok.size == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="mergesort")]
+    m = len(order)
+    adj = np.maximum.accumulate([(m - i) * p[j] for i, j in enumerate(order)])
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
 def pick_worst(names, values, metric: str = "accuracy") -> tuple[str, float]:
     """The worst of ``values`` (lowest; highest for FPR/FNR), ties to the name sorting first.
 
@@ -300,18 +360,20 @@ class GroupMetrics:
     cluster : each image's patient (``subject_id``); None: each image its own
         patient (image bootstrap, with a warning when ``warn_no_cluster``).
     model, seed : which model and training seed made the prediction (None: one).
+    draw : which draw of a model's seed (count-matched random removal drawn several
+        times per seed; None: one draw). A (model, seed)'s draws are averaged.
     row : image key aligning models (needed when there are several models/seeds;
         every model must cover the same rows with the same y, group, cluster).
     n_boot : resamples (0: no intervals); ci_level; random_state : int or ints.
     min_group_n : labelled images a group needs to be a worst-group candidate.
     """
 
-    def __init__(self, y, prob, pred, group, *, cluster=None, model=None, seed=None, row=None,
+    def __init__(self, y, prob, pred, group, *, cluster=None, model=None, seed=None, row=None, draw=None,
                  n_boot: int = 1000, ci_level: float = 0.95, random_state=0, min_group_n: int = 1,
                  warn_no_cluster: bool = False):
         n = len(y)
         cols = {"y": y, "prob": prob, "pred": pred, "group": group, "cluster": cluster, "model": model,
-                "seed": seed, "row": row}
+                "seed": seed, "row": row, "draw": draw}
         lens = {k: len(v) for k, v in cols.items() if v is not None}
         if len(set(lens.values())) > 1:
             raise ValueError(f"inputs differ in length: {lens}")
@@ -327,7 +389,8 @@ class GroupMetrics:
             "pred": pd.to_numeric(pd.Series(np.asarray(pred)), errors="coerce").to_numpy(float),
             "group": np.asarray(group).astype(str),
             "model": "model" if model is None else np.asarray(model).astype(str),
-            "seed": 0 if seed is None else np.asarray(seed).astype(int)})
+            "seed": 0 if seed is None else np.asarray(seed).astype(int),
+            "draw": 0 if draw is None else np.asarray(draw).astype(int)})
         if np.isnan(df["y"]).any() or not df["y"].isin((0, 1)).all():
             raise ValueError("y must be 0/1 without NaN (leave out images whose label is missing)")
         if not df["pred"].isin((0, 1)).all():
@@ -340,7 +403,7 @@ class GroupMetrics:
         if cluster is None and warn_no_cluster:
             warnings.warn("no patient ids: intervals resample images, not patients, and are too narrow "
                           "where patients have several images", stacklevel=2)
-        keys = df[["model", "seed"]].drop_duplicates()
+        keys = df[["model", "seed", "draw"]].drop_duplicates()
         if row is None:
             if len(keys) > 1:
                 raise ValueError("several models/seeds need `row` to align their images")
@@ -349,12 +412,12 @@ class GroupMetrics:
             df["row"] = np.asarray(row)
         df["cluster"] = (df["row"].astype(str).to_numpy() if cluster is None
                          else np.asarray(cluster).astype(str))
-        if df.duplicated(["model", "seed", "row"]).any():
-            raise ValueError(f"{int(df.duplicated(['model', 'seed', 'row']).sum())} duplicated "
-                             "(model, seed, row) predictions")
+        if df.duplicated(["model", "seed", "draw", "row"]).any():
+            raise ValueError(f"{int(df.duplicated(['model', 'seed', 'draw', 'row']).sum())} duplicated "
+                             "(model, seed, draw, row) predictions")
         ref = None
         self._models: dict = {}
-        for (m, s), d in df.groupby(["model", "seed"], sort=False):
+        for (m, s, dr), d in df.groupby(["model", "seed", "draw"], sort=False):
             d = d.sort_values("row", kind="mergesort")
             if ref is None:
                 ref = d
@@ -364,7 +427,7 @@ class GroupMetrics:
             elif not all(np.array_equal(d[c].to_numpy(), ref[c].to_numpy()) for c in ("y", "group", "cluster")):
                 raise ValueError(f"model {m!r} seed {s} disagrees with the first model on y, group or "
                                  "patient of the same rows")
-            self._models[(str(m), int(s))] = (d["pred"].to_numpy().astype(bool), d["prob"].to_numpy())
+            self._models[(str(m), int(s), int(dr))] = (d["pred"].to_numpy().astype(bool), d["prob"].to_numpy())
         self.rows = ref["row"].to_numpy()
         self.y = ref["y"].to_numpy().astype(bool)
         self.group = ref["group"].to_numpy()
@@ -384,7 +447,7 @@ class GroupMetrics:
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame, *, y="y", prob="prob", pred="pred", group="group", cluster=None,
-                   model=None, seed=None, row="row", **kwargs) -> GroupMetrics:
+                   model=None, seed=None, row="row", draw=None, **kwargs) -> GroupMetrics:
         """Build from a long predictions table; the arguments name its columns (None: absent)."""
         def col(c):
             if c is None:
@@ -393,15 +456,16 @@ class GroupMetrics:
                 raise KeyError(f"predictions table has no column {c!r}; has {list(df.columns)}")
             return df[c].to_numpy()
         return cls(col(y), col(prob), col(pred), col(group), cluster=col(cluster), model=col(model),
-                   seed=col(seed), row=col(row) if row in df.columns else None, **kwargs)
+                   seed=col(seed), row=col(row) if row in df.columns else None,
+                   draw=col(draw) if draw is not None and draw in df.columns else None, **kwargs)
 
     # -- what is there ----------------------------------------------------------
     @property
     def models(self) -> list[str]:
-        return list(dict.fromkeys(m for m, _ in self._models))
+        return list(dict.fromkeys(m for m, _, _ in self._models))
 
     def seeds(self, model: str) -> list[int]:
-        s = sorted(s for m, s in self._models if m == model)
+        s = sorted({s for m, s, _ in self._models if m == model})
         if not s:
             raise KeyError(f"no predictions of model {model!r}; models: {self.models}")
         return s
@@ -418,15 +482,31 @@ class GroupMetrics:
             self._w = cluster_bootstrap_weights(self.group, self.cluster, self.n_boot, self.random_state)
         return self._w
 
-    def _values(self, model: str, seed: int, metric: str) -> np.ndarray:
-        """(groups + All) x (1 + n_boot): column 0 the point, then the replicates."""
-        key = (model, seed, metric)
+    def draws(self, model: str, seed: int) -> list[int]:
+        d = sorted(dr for m, s, dr in self._models if m == model and s == seed)
+        if not d:
+            raise KeyError(f"no predictions of model {model!r} seed {seed}; models: {self.models}")
+        return d
+
+    def _per_seed(self, model: str, metric: str, seeds, reduce) -> np.ndarray:
+        """``reduce`` of each draw's (groups + All) x (1 + n_boot) values, averaged over the seed's draws."""
+        out = []
+        for s in (seeds or self.seeds(model)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out.append(np.mean([reduce(self._draw_values(model, s, d, metric))
+                                    for d in self.draws(model, s)], axis=0))
+        return np.stack(out)
+
+    def _draw_values(self, model: str, seed: int, draw: int, metric: str) -> np.ndarray:
+        """(groups + All) x (1 + n_boot) of one draw: column 0 the point, then the replicates."""
+        key = (model, seed, draw, metric)
         if key not in self._cache:
             if metric not in AVAILABLE_METRICS:
                 raise ValueError(f"unknown metric {metric!r}; available: {AVAILABLE_METRICS}")
-            if (model, seed) not in self._models:
+            if (model, seed, draw) not in self._models:
                 raise KeyError(f"no predictions of model {model!r} seed {seed}; models: {self.models}")
-            pred, prob = self._models[(model, seed)]
+            pred, prob = self._models[(model, seed, draw)]
             out = np.full((len(self.groups) + 1, 1 + self.n_boot), np.nan)
             for i, g in enumerate([*self.groups, ALL]):
                 m = self._masks[g]
@@ -438,8 +518,8 @@ class GroupMetrics:
         return self._cache[key]
 
     def _stack(self, model: str, metric: str, seeds=None) -> np.ndarray:
-        """seeds x (groups + All) x (1 + n_boot)."""
-        return np.stack([self._values(model, s, metric) for s in (seeds or self.seeds(model))])
+        """seeds x (groups + All) x (1 + n_boot), each seed the mean over its draws."""
+        return self._per_seed(model, metric, seeds, lambda v: v)
 
     def _eligible_idx(self, metric: str, model: str) -> list[int]:
         with warnings.catch_warnings():
@@ -447,11 +527,15 @@ class GroupMetrics:
             pts = np.nanmean(self._stack(model, metric)[:, :-1, 0], axis=0)
         return [i for i, g in enumerate(self.groups) if g in self.eligible and np.isfinite(pts[i])]
 
+    def replicates(self, arr: np.ndarray) -> np.ndarray:
+        """The ``n_boot`` two-level replicates of the seed mean of ``arr`` (seeds x (1 + n_boot))."""
+        return seed_mean_replicates(arr, self.random_state) if self.n_boot else np.full(0, np.nan)
+
     def _summary(self, arr: np.ndarray, bounds=(0.0, 1.0)) -> dict:
-        """seeds x (1 + n_boot) -> point (mean of seed points), seed_sd, lo, hi, n_seeds."""
+        """seeds x (1 + n_boot) -> point (mean of seed points), seed_sd, lo, hi (interval of the mean), n_seeds."""
         pts = arr[:, 0]
         ok = np.isfinite(pts)
-        lo, hi = _interval(arr[:, 1:], self.ci_level, bounds) if self.n_boot else (np.nan, np.nan)
+        lo, hi = _interval(self.replicates(arr), self.ci_level, bounds) if self.n_boot else (np.nan, np.nan)
         return dict(value=float(pts[ok].mean()) if ok.any() else np.nan, lo=lo, hi=hi,
                     seed_sd=float(pts[ok].std(ddof=1)) if ok.sum() > 1 else np.nan, n_seeds=len(pts))
 
@@ -498,25 +582,28 @@ class GroupMetrics:
 
     # -- worst group and gap ---------------------------------------------------------
     def _extreme(self, model: str, metric: str, kind: str, seeds=None) -> tuple[np.ndarray, list[int]]:
-        """seeds x (1 + n_boot) of the min / max / worst / gap over eligible groups."""
-        st = self._stack(model, metric, seeds)[:, :-1, :]  # drop All
+        """seeds x (1 + n_boot) of the min / max / worst / gap over eligible groups (per draw, then the
+        mean over a seed's draws)."""
         idx = self._eligible_idx(metric, model)
         if not idx:
             raise ValueError(f"no group has at least min_group_n={self.min_group_n} images and a defined "
                              f"{metric} (groups: {dict(self.counts['n'])})")
-        sub = st[:, idx, :]
         if kind == "worst":
             kind = "max" if metric in LOWER_IS_BETTER else "min"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN replicates stay NaN
-            if kind == "min":
-                return np.nanmin(sub, axis=1), idx
-            if kind == "max":
-                return np.nanmax(sub, axis=1), idx
-            if kind == "gap":
-                return (np.nanmax(sub, axis=1) - np.nanmin(sub, axis=1)) if len(idx) > 1 \
-                    else np.full(sub[:, 0].shape, np.nan), idx
-        raise ValueError(kind)
+        if kind not in ("min", "max", "gap"):
+            raise ValueError(kind)
+
+        def reduce(v):
+            sub = v[idx, :]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN replicates stay NaN
+                if kind == "min":
+                    return np.nanmin(sub, axis=0)
+                if kind == "max":
+                    return np.nanmax(sub, axis=0)
+                return (np.nanmax(sub, axis=0) - np.nanmin(sub, axis=0)) if len(idx) > 1 \
+                    else np.full(sub.shape[1], np.nan)
+        return self._per_seed(model, metric, seeds, reduce), idx
 
     def _extreme_table(self, metric: str, kind: str, ci: bool, models=None) -> pd.DataFrame:
         recs = []
@@ -581,20 +668,30 @@ class GroupMetrics:
                              n=int(self.counts.loc[g, "n"])))
         return pd.DataFrame(recs)
 
+    def paired_worst(self, a: str, b: str, metric: str = "accuracy") -> tuple[list[int], np.ndarray]:
+        """``(seeds, d)``: worst-group ``metric`` of ``a`` minus that of ``b``, seeds x (1 + n_boot)
+        (each its own worst group per seed and resample; column 0 the full test set)."""
+        seeds = self._paired_seeds(a, b)
+        return seeds, self._extreme(a, metric, "worst", seeds)[0] - self._extreme(b, metric, "worst", seeds)[0]
+
     def paired_worst_ci(self, a: str, b: str, metric: str = "accuracy") -> dict:
         """Worst-group ``metric`` of ``a`` minus that of ``b`` (each its own worst group per seed and
-        resample), paired. Returns value, lo, hi, seed_sd, n_seeds (pairs)."""
-        seeds = self._paired_seeds(a, b)
-        d = self._extreme(a, metric, "worst", seeds)[0] - self._extreme(b, metric, "worst", seeds)[0]
-        return self._summary(d, (-1.0, 1.0))
+        resample), paired. Returns value, lo, hi (interval of the seed mean), seed_sd, n_seeds (pairs),
+        p (two-sided bootstrap p-value of 0, :func:`bootstrap_p`) and seed_values (each seed's difference)."""
+        seeds, d = self.paired_worst(a, b, metric)
+        out = self._summary(d, (-1.0, 1.0))
+        out["p"] = bootstrap_p(self.replicates(d)) if self.n_boot else float("nan")
+        out["seed_values"] = {int(s): float(v) for s, v in zip(seeds, d[:, 0])}
+        return out
 
     def recovery_ci(self, method: str, ceiling: str, baseline: str, metric: str = "accuracy") -> dict:
         """Share of the ceiling's worst-group gain over ``baseline`` that ``method`` recovers.
 
         ``S = mean_s(W_method - W_base) / mean_s(W_ceiling - W_base)`` with ``W``
         the worst-group ``metric`` of each seed; the interval takes the same ratio
-        within each resample (seed means per resample, so a single seed's small
-        denominator cannot blow it up). Returns share, lo, hi, and the ceiling's
+        within each two-level replicate (the same seed draw and patient draw for
+        numerator and denominator, as for every other interval), so it holds the
+        seed spread that its gate holds. Returns share, lo, hi, and the ceiling's
         gain with its paired interval (gain, gain_lo, gain_hi). The share is NaN,
         with ``reason``, when the gain's interval includes 0: then there is no
         gain to recover.
@@ -603,9 +700,11 @@ class GroupMetrics:
         if not seeds:
             raise ValueError(f"{method!r}, {ceiling!r} and {baseline!r} share no seed")
         wb = self._extreme(baseline, metric, "worst", seeds)[0]
-        num = (self._extreme(method, metric, "worst", seeds)[0] - wb).mean(0)
-        den = (self._extreme(ceiling, metric, "worst", seeds)[0] - wb).mean(0)
-        gain = self.paired_worst_ci(ceiling, baseline, metric)
+        dm = self._extreme(method, metric, "worst", seeds)[0] - wb
+        dc = self._extreme(ceiling, metric, "worst", seeds)[0] - wb
+        num = np.concatenate([[dm[:, 0].mean()], self.replicates(dm)])
+        den = np.concatenate([[dc[:, 0].mean()], self.replicates(dc)])
+        gain = self._summary(dc, (-1.0, 1.0))
         out = dict(share=np.nan, lo=np.nan, hi=np.nan, gain=gain["value"], gain_lo=gain["lo"],
                    gain_hi=gain["hi"], n_seeds=len(seeds), reason="")
         sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # a gain lowers FPR/FNR

@@ -86,11 +86,13 @@ def wga_bars(wga: pd.DataFrame, title: str = "Worst-group accuracy"):
     return fig
 
 
-def headline_plot(change: pd.DataFrame, title: str = "", xlabel: str = "change in worst-group accuracy vs ERM"):
+def headline_plot(change: pd.DataFrame, title: str = "", xlabel: str = "change in worst-group accuracy vs ERM",
+                  seeds: pd.DataFrame | None = None):
     """One panel row per finding, one marker per method: paired change with its interval, 0 dashed.
 
     ``change``: columns finding, method, change, lo, hi (e.g.
-    :meth:`d3m_lib.analysis.MethodComparison.wga_change`). Built without pyplot.
+    :meth:`d3m_lib.analysis.MethodComparison.wga_change`). ``seeds``: each seed's change (columns
+    finding, method, change), drawn as small grey dots on the row. Built without pyplot.
     """
     from matplotlib.figure import Figure
 
@@ -104,8 +106,15 @@ def headline_plot(change: pd.DataFrame, title: str = "", xlabel: str = "change i
     y = np.arange(len(rows))[::-1]
     for yi, (f, m) in zip(y, rows):
         d = change[(change["finding"].astype(str) == f) & (change["method"] == m)].iloc[[0]]
+        if seeds is not None:
+            sv = seeds.loc[(seeds["finding"].astype(str) == f) & (seeds["method"] == m), "change"].to_numpy()
+            jitter = np.linspace(-0.12, 0.12, len(sv)) if len(sv) > 1 else np.zeros(len(sv))
+            ax.plot(sv, yi + jitter, "o", color="0.55", ms=2.5, alpha=0.8, zorder=1,
+                    label="one seed" if (yi == y[0]) else None)
         ax.errorbar(d["change"], [yi], xerr=_errors(d, "change", "lo", "hi"), fmt="o", color=colors[m],
-                    capsize=3, ms=5)
+                    capsize=3, ms=5, zorder=2)
+    if seeds is not None and len(seeds):
+        ax.legend(loc="lower right", fontsize=8, frameon=False)
     ax.set_yticks(y, [f"{f}: {m}" if len(findings) > 1 else m for f, m in rows])
     ax.axvline(0, color="0.4", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)

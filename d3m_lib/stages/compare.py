@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .. import analysis, conclusions
+from .. import analysis, conclusions, metrics, power
 from .. import methods as _methods
 from ..analysis import OVERALL, MethodComparison
 from ..book import group_noun
@@ -60,6 +60,9 @@ class Result:
     auroc: pd.DataFrame
     underdiagnosis: pd.DataFrame | None
     leaders: pd.DataFrame               # per finding: the arm with the highest WGA vs every other arm, paired
+    seed_diffs: pd.DataFrame            # finding, a, b, seed, diff: each seed's paired difference
+    power: power.Power | None           # the primary contrast's variance components and MDE
+    verdict: str = ""                   # the study's answer: the primary contrast's reading, one sentence
     sentences: dict[str, list[str]] = field(default_factory=dict)
     quotes: dict[str, str] = field(default_factory=dict)     # text the book pages quote (primary finding)
     numbers: dict[str, float] = field(default_factory=dict)  # numbers the book pages quote
@@ -74,16 +77,41 @@ class Result:
         return self.wga_change[keep].reset_index(drop=True)
 
 
-def paired_display(paired: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
-    """Display table of :meth:`MethodComparison.paired_table`: labels, ``diff [lo, hi]``, the reading."""
-    return pd.DataFrame({
+def paired_display(paired: pd.DataFrame, ci_level: float = 0.95, seed_diffs: pd.DataFrame | None = None
+                   ) -> pd.DataFrame:
+    """Display table of the paired comparisons: labels, ``diff [lo, hi]``, seeds above 0, the reading."""
+    out = pd.DataFrame({
         "finding": paired["finding"],
-        "comparison": [f"{_methods.label(a)} − {_methods.label(b)}" for a, b in zip(paired["a"], paired["b"])],
-        f"worst-group accuracy difference [{round(100 * ci_level)}% paired interval]": [
+        "contrast": [f"{_methods.label(a)} − {_methods.label(b)}" for a, b in zip(paired["a"], paired["b"])],
+        f"Δ worst-group accuracy [{round(100 * ci_level)}% CI]": [
             conclusions.interval_text(d, lo, hi, signed=True)
-            for d, lo, hi in zip(paired["diff"], paired["lo"], paired["hi"])],
-        "paired seeds": paired["n_pairs"],
-        "interval": [conclusions.interval_reading(lo, hi) for lo, hi in zip(paired["lo"], paired["hi"])]})
+            for d, lo, hi in zip(paired["diff"], paired["lo"], paired["hi"])]})
+    if seed_diffs is not None:
+        sd = seed_diffs.groupby(["finding", "a", "b"], sort=False)["diff"]
+        above = {k: f"{int((v > 0).sum())} of {len(v)}" for k, v in sd}
+        out["seeds > 0"] = [above.get((f, a, b), "–") for f, a, b in zip(paired["finding"], paired["a"],
+                                                                         paired["b"])]
+    if "role" in paired.columns:
+        out["reading"] = [conclusions.claim_reading(r.role, r.lo, r.hi, r.p_holm, 1 - ci_level)
+                          for r in paired.itertuples()]
+    else:
+        out["reading"] = [conclusions.interval_reading(lo, hi) for lo, hi in zip(paired["lo"], paired["hi"])]
+    return out
+
+
+def with_roles(paired: pd.DataFrame, primary_finding: str, contrast) -> pd.DataFrame:
+    """``paired`` with ``role`` (primary: the pre-specified contrast on the primary finding; secondary: the
+    rest) and ``p_holm`` (Holm's adjustment over the secondary rows; NaN for the primary one)."""
+    a, b = contrast
+    out = paired.copy()
+    prim = (out["finding"] == primary_finding) & (out["a"] == a) & (out["b"] == b)
+    out["role"] = ["primary" if x else "secondary" for x in prim]
+    out["p_holm"] = float("nan")
+    sec = ~prim.to_numpy()
+    if sec.any():
+        out.loc[sec, "p_holm"] = metrics.holm(out.loc[sec, "p"].to_numpy())
+    return out.sort_values("role", key=lambda r: r.map({"primary": 0, "secondary": 1}), kind="stable"
+                           ).reset_index(drop=True)
 
 
 def recovery_display(recovery: pd.DataFrame) -> pd.DataFrame:
@@ -148,13 +176,15 @@ def _quotes(res: Result, ci_level: float, synthetic: bool) -> tuple[dict, dict]:
     q["best_wga_method"] = _methods.label(best)
     q["leader_sentence"] = conclusions.leader_sentence(best, *w.loc[(f, best), ["wga", "lo", "hi"]],
                                                        res.leaders[res.leaders["finding"] == f], ci_level)
-    q["paired_summary"] = " ".join(conclusions.paired_sentence(r.a, r.b, r.diff, r.lo, r.hi, ci_level=ci_level)
-                                   for r in res.paired[res.paired["finding"] == f].itertuples())
+    q["paired_summary"] = " ".join(conclusions.paired_sentences(res.paired[res.paired["finding"] == f],
+                                                                ci_level=ci_level))
+    q["verdict"] = res.verdict
     rec = conclusions.recovery_sentences(res.recovery[res.recovery["finding"] == f].assign(finding=None),
                                          ceiling_arm(), BASELINE)
     q["recovery_summary"] = " ".join(rec) if rec else conclusions.no_ceiling_sentence(ceiling_arm(), synthetic)
     n = {"n_findings": len(res.findings), "n_seeds": res.n_seeds, "n_boot": res.comparison.n_boot,
-         "ci_pct": round(100 * ci_level), "d3m_removed_total": float("nan")}
+         "ci_pct": round(100 * ci_level), "d3m_removed_total": float("nan"),
+         "mde": res.power.mde if res.power is not None else float("nan")}
     src = res.source[(res.source["finding"] == f) & (res.source["method"] == STUDY_ARM)].set_index("group")
     if src.empty:
         for k in ("d3m_change_worst", "d3m_change_overall", "d3m_change_worst_sentence"):
@@ -168,6 +198,25 @@ def _quotes(res: Result, ci_level: float, synthetic: bool) -> tuple[dict, dict]:
     if "change_n" in src.columns:
         n["d3m_removed_total"] = float(-o["change_n"])
     return q, n
+
+
+def _n_seeds(predictions: pd.DataFrame) -> int:
+    return int(predictions["seed"].nunique())
+
+
+def power_table(res: Result, effect: float) -> pd.DataFrame | None:
+    """The primary contrast's power: this run's MDE, and per test-set size the seeds needed for ``effect``."""
+    if res.power is None:
+        return None
+    return res.power.plan(effect).assign(finding=res.power.finding, contrast=f"{res.power.a} − {res.power.b}",
+                                         effect=effect, s_between_seeds=res.power.s_b, s_test=res.power.s_w,
+                                         seeds=res.power.n_seeds, mde=res.power.mde)
+
+
+def headline_seeds(res: Result) -> pd.DataFrame:
+    """Each seed's paired change against ERM, in :attr:`Result.wga_change`'s layout (dots of the headline)."""
+    d = res.seed_diffs[res.seed_diffs["b"] == BASELINE]
+    return pd.DataFrame({"finding": d["finding"], "method": d["a"], "seed": d["seed"], "change": d["diff"]})
 
 
 def run(stage, progress: bool = False) -> Result:
@@ -196,22 +245,41 @@ def run(stage, progress: bool = False) -> Result:
         forest.append(mc.forest_data(f))
         auroc.append(mc.per_group(f, metric="auroc", methods=list(_methods.order(mc.methods(f)))))
     wga = mc.worst_group_table()
+    contrast = tuple(cfg.primary_contrast)
+    pairs = [contrast, *[p for p in analysis.DEFAULT_PAIRS if p != contrast]]
+    paired = with_roles(mc.paired_table(pairs=pairs), findings[0], contrast)
+    prim = paired[paired["role"] == "primary"]
+    if prim.empty:
+        raise ValueError(f"parameter 'primary_contrast' = {list(contrast)!r}: the arms were not both run for the "
+                         f"primary finding {findings[0]} (arms: {mc.methods(findings[0])})")
+    pw = power.from_comparison(mc, cfg.values, findings[0]) if _n_seeds(predictions) > 1 else None
+    r0 = prim.iloc[0]
+    verdict = conclusions.verdict_sentence(contrast[0], contrast[1], findings[0], r0["diff"], r0["lo"], r0["hi"],
+                                           cfg.smallest_effect, pw.mde if pw is not None else float("nan"),
+                                           int(r0["n_pairs"]), cfg.ci_level)
+    seed_pairs = [*pairs, *[(m, BASELINE) for m in arms if m != BASELINE]]
     res = Result(
-        comparison=mc, findings=findings, arms=arms, n_seeds=int(predictions["seed"].nunique()),
+        comparison=mc, findings=findings, arms=arms, n_seeds=_n_seeds(predictions),
         noun=group_noun(cfg), tables=tables, source=pd.concat(source, ignore_index=True), wga=wga,
-        wga_change=mc.wga_change(), paired=mc.paired_table(), recovery=_recovery(mc, arms),
+        wga_change=mc.wga_change(), paired=paired, recovery=_recovery(mc, arms),
         forest=pd.concat(forest, ignore_index=True), auroc=pd.concat(auroc, ignore_index=True),
-        underdiagnosis=mc.underdiagnosis() if NO_FINDING in findings else None, leaders=_leaders(mc, wga))
+        underdiagnosis=mc.underdiagnosis() if NO_FINDING in findings else None, leaders=_leaders(mc, wga),
+        seed_diffs=mc.seed_differences(seed_pairs), power=pw, verdict=verdict)
     res.sentences = {"paired": conclusions.paired_sentences(res.paired, ci_level=cfg.ci_level),
                      "recovery": conclusions.recovery_sentences(res.recovery, ceiling_arm(), BASELINE)}
     res.quotes, res.numbers = _quotes(res, cfg.ci_level, _synthetic(rd))
     for name, t in (("worst_group", wga), ("wga_change", res.wga_change), ("paired", res.paired),
                     ("recovery", res.recovery), ("forest", res.forest), ("auroc", res.auroc),
-                    ("underdiagnosis", res.underdiagnosis)):
+                    ("underdiagnosis", res.underdiagnosis), ("paired_seeds", res.seed_diffs),
+                    ("power", power_table(res, cfg.smallest_effect))):
         if t is not None:
             t.to_csv(stage.path(f"{name}.csv"), index=False)
     stage.path("sentences.json").write_text(json.dumps({**res.sentences, "quotes": res.quotes}, indent=1))
     stage.finish({"findings": findings, "arms": arms, "best_wga_method": res.quotes["best_wga_method"],
+                  "verdict": conclusions.verdict(r0["lo"], r0["hi"], cfg.smallest_effect),
+                  "primary": {"finding": findings[0], "contrast": list(contrast), "diff": float(r0["diff"]),
+                              "lo": float(r0["lo"]), "hi": float(r0["hi"]),
+                              "mde": pw.mde if pw is not None else None},
                   "n_reliable_pairs": int(res.paired["excludes_zero"].sum()) if len(res.paired) else 0,
                   "cluster_unit": mc.cluster_unit})
     return res

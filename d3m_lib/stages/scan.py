@@ -22,6 +22,7 @@ import pandas as pd
 from .. import scan as scanmod
 from .. import training
 from ..book import group_noun
+from ..metrics import DESCRIPTIVE_SEED
 
 RANKING_COLUMNS = ["rank", "finding", "gap_accuracy", "gap_accuracy_lo", "gap_accuracy_hi", "gap_auroc",
                    "worst_group", "worst_accuracy", "best_group", "best_accuracy", "overall_accuracy",
@@ -95,7 +96,7 @@ def run(stage, progress: bool = False) -> Result:
                                            progress=progress)
     ckpt = model_dir / f"epoch_{cfg.scan_epochs:02d}.pt"
     preds, thresholds = scanmod.scan_predictions(tcfg, images, cohort, available, ckpt, cfg.threshold_rule)
-    stats = dict(n_boot=cfg.n_boot, ci_level=cfg.ci_level, seed=cfg.stats_seed)
+    stats = dict(n_boot=cfg.n_boot, ci_level=cfg.ci_level, seed=DESCRIPTIVE_SEED)
     scan_df = scanmod.metrics_from_predictions(preds, available, **stats)
     counts = scanmod.label_counts(cohort, available)
     ranking = scanmod.rank_findings(scan_df, counts, min_group_n=cfg.min_group_n, min_group_pos=cfg.min_group_pos,
