@@ -19,8 +19,8 @@ def _noiseless(values, n_per=30):
 
 
 def _engine(df, n_boot=2000, random_state=0, **kw):
-    return metrics.GroupMetrics.from_frame(df, cluster="cluster", model="model", seed="seed", draw="draw", n_boot=n_boot,
-                                           random_state=random_state, **kw)
+    return metrics.GroupMetrics.from_frame(df, cluster="cluster", model="model", seed="seed", draw="draw",
+                                           n_boot=n_boot, random_state=random_state, **kw)
 
 
 def _realistic(n_seeds=3, rng_seed=0, draws=1):
