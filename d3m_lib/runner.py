@@ -266,6 +266,8 @@ def plan(cfg: Config, target: RunDir, chosen: Sequence[str], notebooks: Sequence
                 "fingerprint") == fp else "did not finish"
         elif state == "current":
             reason = "its notebook changed" if not upstream_changes else "an upstream stage is recomputed"
+        elif state == "stale":
+            reason = "; ".join(dict.fromkeys(target.problems(name)))
         else:
             reason = target.why_outdated(name, cfg)
         old = target.manifest(name)
@@ -494,15 +496,16 @@ def stage_problems(run: RunDir, cfg: Config, notebooks: Sequence[Notebook]) -> l
     """Why each stage would not belong in this run's book (empty: every stage is current)."""
     fps = expected_fingerprints(cfg)
     out = []
+    seen: dict = {}     # each stage's files are read once
     for nb in notebooks:
         name, fp = nb.stage, fps[nb.stage]
-        state = run.state(name, fp)
+        state = run.state(name, fp, full=True, _seen=seen)   # every file read again: what is published
         if state == "missing":
             out.append(f"{name}: not run")
         elif state == "incomplete":
             out.append(f"{name}: did not finish")
         elif state == "stale":
-            out.append(f"{name}: stale ({'; '.join(run.problems(name))})")
+            out.append(f"{name}: stale ({'; '.join(dict.fromkeys(run.problems(name, True, seen)))})")
         elif state == "outdated":
             out.append(f"{name}: outdated ({run.why_outdated(name, cfg)})")
         elif not run.executed(name).exists():
@@ -662,8 +665,13 @@ def write_headline_figure(run: RunDir, out: Path) -> Path | None:
     change = change[~change["method"].isin(["erm", "base"])]  # base: the anchor model, selects nothing
     if change.empty:
         return None
+    seeds = None
+    if (d06 / "paired_seeds.csv").is_file():  # each seed's change against ERM: dots beside the intervals
+        d = pd.read_csv(d06 / "paired_seeds.csv")
+        d = d[(d["b"] == "erm") & d["a"].isin(change["method"])]
+        seeds = pd.DataFrame({"finding": d["finding"], "method": d["a"], "change": d["diff"]})
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig = plots.headline_plot(change, title=title, xlabel=xlabel)
+    fig = plots.headline_plot(change, title=title, xlabel=xlabel, seeds=seeds)
     fig.savefig(out, dpi=120)
     return out
 
