@@ -99,8 +99,11 @@ def test_quotes_claim_only_where_the_interval_excludes_zero(result):
 
 def test_display_tables(result):
     _, res = result
-    d = compare.paired_display(res.paired)
-    assert len(d) == len(res.paired) and "D3M − random" in set(d["comparison"])
+    d = compare.paired_display(res.paired, seed_diffs=res.seed_diffs)
+    assert len(d) == len(res.paired) and "D3M − random" in set(d["contrast"])
+    assert d["seeds > 0"].str.match(r"^\d+ of \d+$").all()
+    a = compare.answer_table(res)
+    assert a["reading"].iloc[0].startswith("primary") and "finding" not in a.columns
     r = compare.recovery_display(res.recovery)
     assert len(r) == len(res.recovery) and r.iloc[0, 2].endswith("]")
     assert "note" in compare.recovery_display(res.recovery.iloc[:0]).columns
@@ -115,3 +118,25 @@ def test_without_an_oracle_the_sentence_says_why(tmp_path):
     run._write_manifest("01_cohort", m)
     res = compare.run(open_stage("06_per_race", d["run_dir"]))
     assert res.recovery.empty and "add 'oracle' to `methods`" in res.quotes["recovery_summary"]
+
+
+def test_primary_contrast_verdict_holm_and_seed_values(result):
+    stage, res = result
+    prim = res.paired[res.paired["role"] == "primary"]
+    assert len(prim) == 1 and (prim["finding"].iloc[0], prim["a"].iloc[0], prim["b"].iloc[0]) == (
+        res.primary, *stage.cfg.primary_contrast)
+    assert res.paired.iloc[0]["role"] == "primary" and prim["p_holm"].isna().all()
+    sec = res.paired[res.paired["role"] == "secondary"]
+    assert (sec["p_holm"] >= sec["p"] - 1e-12).all()  # Holm never lowers a p-value
+    assert res.verdict.split(":")[0] in ("Supported", "Contradicted", "Inconclusive at this run's power") \
+        or res.verdict.startswith("Smaller than")
+    assert res.quotes["verdict"] == res.verdict
+    # each seed's difference: its mean is the point estimate of the paired table
+    sd = res.seed_diffs
+    for r in res.paired.itertuples():
+        v = sd[(sd["finding"] == r.finding) & (sd["a"] == r.a) & (sd["b"] == r.b)]["diff"]
+        assert len(v) == r.n_pairs and v.mean() == pytest.approx(r.diff)
+    assert set(compare.headline_seeds(res)["method"]) <= set(res.wga_change["method"])
+    m = json.loads(stage.path("manifest.json").read_text())["summary"]
+    assert m["verdict"] in ("supported", "contradicted", "smaller than delta", "inconclusive")
+    assert stage.path("paired_seeds.csv").is_file()

@@ -213,6 +213,26 @@ def power_table(res: Result, effect: float) -> pd.DataFrame | None:
                                          seeds=res.power.n_seeds, mde=res.power.mde)
 
 
+def answer_table(res: Result, ci_level: float = 0.95) -> pd.DataFrame:
+    """The Results page's one table: the primary finding's contrasts, the pre-specified primary one first,
+    each with its interval, how many seeds point up, and how it is read (primary by its interval,
+    secondary by Holm)."""
+    rows = res.paired[res.paired["finding"] == res.primary]
+    return paired_display(rows, ci_level, res.seed_diffs).drop(columns="finding")
+
+
+def power_display(res: Result, effect: float) -> pd.DataFrame:
+    """:func:`power_table` for the book: the run's MDE and the seeds needed per test-set size."""
+    t = power_table(res, effect)
+    if t is None:
+        return pd.DataFrame({"note": ["one seed: the between-seed variance, and so the power, is not estimable"]})
+    return pd.DataFrame({
+        "test set": [f"×{m} ({n} patients, {w} in the smallest group)" for m, n, w in
+                     zip(t["test_factor"], t["test_patients"], t["worst_group_patients"])],
+        f"seeds needed for {effect:g}": ["–" if pd.isna(v) else str(int(v)) for v in t["seeds_needed"]],
+        f"MDE at {int(t['seeds'].iloc[0])} seeds": [f"{v:.3f}" for v in t["mde_at_run_seeds"]]})
+
+
 def headline_seeds(res: Result) -> pd.DataFrame:
     """Each seed's paired change against ERM, in :attr:`Result.wga_change`'s layout (dots of the headline)."""
     d = res.seed_diffs[res.seed_diffs["b"] == BASELINE]
