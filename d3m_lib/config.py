@@ -165,6 +165,21 @@ PARAMS: tuple[Param, ...] = (
     P("lr", 0.2, "peak learning rate", TRAIN, type="float", check=_range(0, lo_open=True)),
     P("weight_decay", 5e-4, "weight decay", TRAIN, type="float", check=_range(0)),
     P("device", "auto", "auto, cpu or cuda", TRAIN, kind="view", choices=("auto", "cpu", "cuda")),
+    # -- the training grid (d3m_lib.grid): how fast, never what -------------------------------
+    P("grid_workers", None, "trainings run at once (null: one per GPU on CUDA, else one per "
+      "grid_threads_per_worker CPU cores, at most 8; 1: in this process)", (S03, S04, S05), kind="view",
+      type="int", nullable=True, check=_range(1)),
+    P("grid_backend", "local", "local (worker processes on this machine) or ray (the cluster at ray_address, "
+      "one task per GPU or per grid_cpus_per_task CPUs)", (S03, S04, S05), kind="view",
+      choices=("local", "ray")),
+    P("grid_threads_per_worker", 1, "torch threads of each training (every worker, and this process with one "
+      "worker)", (S03, S04, S05), kind="view", type="int", check=_range(1)),
+    P("grid_cpus_per_task", 1.0, "CPUs a Ray task asks for (ray backend)", (S03, S04, S05), kind="view",
+      type="float", check=_range(0, lo_open=True)),
+    P("max_retries", 1, "times a failed training is tried again before the stage stops", (S03, S04, S05),
+      kind="view", type="int", check=_range(0)),
+    P("ray_address", None, "Ray cluster of the ray grid backend and of trak_ray_workers (null: a local Ray; "
+      "'auto': the running cluster; 'ray://head:10001')", (S03, S04, S05), kind="view", nullable=True),
     P("seeds", [0, 1, 2], "one baseline (and one retraining per method) per seed", (S03, S04, S05),
       type="int_list", check=_unique_nonempty),
     P("epochs_anchor", 5, "epochs of the first training call (the base model D3M starts from)",
@@ -202,8 +217,6 @@ PARAMS: tuple[Param, ...] = (
       "or traker (per-example gradients, dense JL projection)", (S04,), choices=("factorized", "traker")),
     P("trak_ray_workers", 0, "featurize on this many Ray workers (0: in this process; needs the ray extra)",
       (S04,), kind="view", type="int", check=_range(0)),
-    P("trak_ray_address", None, "Ray cluster to join (null: a local Ray; 'auto': the running cluster)", (S04,),
-      kind="view", nullable=True),
     P("trak_batch_size", 128, "images per per-example-gradient batch", (S04,), type="int", check=_range(1)),
     P("trak_seed", 0, "projection seed and choice of example images", (S04,), type="int"),
     P("trak_lds", False, "compute the linear datamodeling score of the first finding and seed (trains "
@@ -225,11 +238,14 @@ PARAMS: tuple[Param, ...] = (
       (S05,), choices=("validated_k", "negative", "k_lowest")),
     P("d3m_k", None, "images to drop when d3m_selection is k_lowest", (S05,), type="int", nullable=True,
       check=_range(1)),
-    P("d3m_k_grid", [0.02, 0.05, 0.1], "removal curve: shares of the training images removed (k = share x "
-      "n_train); each point retrains D3M, Auto-D3M and count-matched random", (S05,), type="float_list",
-      check=_fractions),
-    P("d3m_curve_seeds", 1, "removal curve on the first this many seeds (validated k: their mean validation "
-      "worst-group accuracy)", (S05,), type="int", check=_range(1)),
+    P("d3m_k_grid", [0.02, 0.05, 0.1, 0.2], "removal curve: shares of the training images removed (k = share x "
+      "n_train); each point retrains D3M and Auto-D3M on every seed (in a batch order of their own); validated_k "
+      "takes the k with the highest validation worst-group accuracy averaged over all seeds (ties: the smaller k)",
+      (S05,), type="float_list", check=_fractions),
+    P("random_draws", 3, "draws of each count-matched random control per seed, each its own training",
+      (S05,), type="int", check=_range(1)),
+    P("removal_seed", 0, "seed of random removal and group balancing (with the training seed, the draw and the "
+      "arm)", (S05,), type="int"),
     P("d3m_auto_method", "pca_per_class", "Auto-D3M pseudo-groups: pca_per_class (the D3M paper: per class, "
       "L2-normalised score rows, sign of the top PC), pca (one PCA over all) or kmeans", (S05,),
       choices=("pca_per_class", "pca", "kmeans")),

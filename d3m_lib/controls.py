@@ -29,7 +29,7 @@ def random_removal(train_rows, n_remove: int, seed: int | tuple[int, ...]) -> pd
     return _mask(train_rows, np.setdiff1d(np.arange(n), drop))
 
 
-def _balanced(train_rows, labels, seed: int, what: str) -> pd.Series:
+def _balanced(train_rows, labels, seed: int | tuple[int, ...], what: str) -> pd.Series:
     labels = np.asarray(labels, dtype=object)
     if len(labels) != len(train_rows):
         raise ValueError(f"{what}: {len(train_rows)} rows but {len(labels)} labels")
@@ -43,7 +43,7 @@ def _balanced(train_rows, labels, seed: int, what: str) -> pd.Series:
     return _mask(train_rows, np.sort(np.concatenate(keep)))
 
 
-def group_balanced(train_rows, train_groups, seed: int) -> pd.Series:
+def group_balanced(train_rows, train_groups, seed: int | tuple[int, ...]) -> pd.Series:
     """Subsample every group to the smallest group's size (needs training group labels)."""
     return _balanced(train_rows, train_groups, seed, "group_balanced")
 

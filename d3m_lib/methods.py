@@ -27,7 +27,11 @@ class SelectionContext:
 
     train_rows : cohort rows of the finding's training images.
     train_groups : their protected group (only arms with ``needs_group_labels`` read it).
-    seed : the selection's seed (random and balanced controls).
+    seed : the training seed of the model the selection is for.
+    draw : which draw of a count-matched random control (0 .. ``random_draws`` - 1; 0 otherwise).
+    removal_seed : the run's ``removal_seed``. Random selections (the count-matched controls and
+        group balancing) draw from ``(removal_seed, seed, [draw,] crc32(arm name))``: every
+        seed, draw and arm has its own stream, and no statistics seed moves them.
     d3m_kept, auto_d3m_kept : kept masks the stage computed from TRAK scores.
     n_removed : images removed by arms already selected, e.g. ``{"d3m": 812}``.
     train_image_ids : image ids of the training rows (the oracle matches them).
@@ -39,6 +43,8 @@ class SelectionContext:
     train_rows: np.ndarray
     train_groups: np.ndarray | None = None
     seed: int = 0
+    draw: int = 0
+    removal_seed: int = 0
     d3m_kept: np.ndarray | None = None
     auto_d3m_kept: np.ndarray | None = None
     n_removed: dict = field(default_factory=dict)
@@ -93,8 +99,8 @@ def _count_matched(source: str, name: str):
         if source not in ctx.n_removed:
             raise ValueError(f"method {name!r} removes as many images as {source!r}; select {source!r} first "
                              f"(known counts: {sorted(ctx.n_removed)})")
-        # each control draws from its own stream, so two controls of equal count remove different images
-        stream = (ctx.seed, zlib.crc32(name.encode()))
+        # each control and draw has its own stream: equal counts remove different images
+        stream = (ctx.removal_seed, ctx.seed, ctx.draw, zlib.crc32(name.encode()))
         return _as_mask(random_removal(ctx.train_rows, ctx.n_removed[source], seed=stream), ctx, name)
     return select
 
@@ -104,7 +110,8 @@ def _balanced(ctx: SelectionContext) -> np.ndarray:
 
     if ctx.train_groups is None:
         raise ValueError("method 'balanced' needs the group of every training image (train_groups)")
-    return _as_mask(group_balanced(ctx.train_rows, ctx.train_groups, seed=ctx.seed), ctx, "balanced")
+    stream = (ctx.removal_seed, ctx.seed, zlib.crc32(b"balanced"))
+    return _as_mask(group_balanced(ctx.train_rows, ctx.train_groups, seed=stream), ctx, "balanced")
 
 
 def oracle_refusal(dataset: str, has_ground_truth: bool) -> str:
@@ -148,6 +155,12 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 )}
 # Validation-set group labels: D3M and Auto-D3M use groups (or pseudo-groups) on validation only;
 # needs_group_labels says whether an arm needs the group of *training* images.
+
+
+def draws(name: str, random_draws: int) -> int:
+    """How many selections (each its own training) an arm gets per seed: ``random_draws`` for a
+    count-matched random control, 1 for every other arm."""
+    return int(random_draws) if REGISTRY[name].count_from is not None else 1
 
 
 def get(name: str) -> Method:

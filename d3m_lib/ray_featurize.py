@@ -31,6 +31,20 @@ def _require_ray():
     return ray
 
 
+def ensure_ray(address: str | None = None, num_cpus: int | None = None):
+    """Ray, initialised once per process: the cluster at ``address`` (parameter ``ray_address``:
+    ``"auto"``, ``"ray://head:10001"``), or with None a local Ray of ``num_cpus`` CPUs.
+
+    The one Ray setup of the study: the sharded featurizer and the training grid
+    (:mod:`d3m_lib.grid`, ``grid_backend: ray``) both join through it.
+    """
+    ray = _require_ray()
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({} if address or num_cpus is None else {"num_cpus": int(num_cpus)}))
+    return ray
+
+
 def shard_bounds(n: int, workers: int, batch_size: int) -> list[tuple[int, int]]:
     """Contiguous ``[start, end)`` shards, cut at multiples of ``batch_size``, none empty."""
     n_batches = -(-n // batch_size)
@@ -64,12 +78,9 @@ def featurize_on_ray(scorer: "attribution.TrakScorer", workers: int = 2, *,
             or reuses a local Ray.
         gpus_per_worker: GPUs each shard task asks for (1 for one worker per GPU).
     """
-    ray = _require_ray()
     if scorer.read_only:
         raise RuntimeError("featurize_on_ray needs a writable scorer")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": max(1, int(workers * cpus_per_worker))}))
+    ray = ensure_ray(address, num_cpus=max(1, int(workers * cpus_per_worker)))
     task = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_shard_features)
     spec = {"model_fn": scorer.model_fn, "images": open_images or scorer.images,
             "labels": scorer.labels,

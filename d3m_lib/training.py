@@ -75,6 +75,9 @@ class TrainConfig:
       anchor still has about 70% of the peak rate). See :func:`lr_at`.
     augment: random horizontal shift by up to 2 px and brightness jitter
       (off by default; chest X-rays are not left/right symmetric, so no flips).
+    stream: the batch-order stream of the continuation (:func:`continuation_batches`).
+      0 (default): every arm's test model and continued ERM; the removal curve's models use
+      another stream, so a model chosen on validation is never the one evaluated on test.
     """
 
     arch: str = "resnet9"
@@ -96,6 +99,7 @@ class TrainConfig:
     num_workers: int = 0
     augment: bool = False
     eval_batch_size: int = 512
+    stream: int = 0
 
     @property
     def total_epochs(self) -> int:
@@ -222,15 +226,17 @@ def _augment(x: torch.Tensor, pos: np.ndarray) -> torch.Tensor:
     return (out * (0.9 + 0.2 * torch.rand(b, 1, 1, 1, generator=g))).clamp_(0, 1)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, stream: int = 0) -> list[np.ndarray]:
     """Shuffled positions 0..n-1 for epoch ``epoch``, split into near-equal batches.
 
-    Depends only on (n, batch_size, seed, epoch): an epoch's order is the same
+    Depends only on (n, batch_size, seed, epoch, stream): an epoch's order is the same
     whether or not earlier epochs ran in the same process. ``ceil(n / batch)``
     batches of nearly equal size: every row is used once, and no batch is so
-    small that batch norm breaks.
+    small that batch norm breaks. ``stream`` 0 is the default order; another stream
+    shuffles independently.
     """
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    entropy = [seed, epoch] + ([int(stream)] if stream else [])
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
     perm = torch.randperm(n, generator=g).numpy()
     return np.array_split(perm, max(1, math.ceil(n / batch_size)))
 
@@ -425,14 +431,14 @@ def continuation_batches(n_rows: int, cfg: TrainConfig, steps: int) -> list[np.n
     """The sampling rule: ``steps`` batches of positions 0..n_rows-1.
 
     Reshuffled passes over the kept rows, one after another (pass ``p`` is
-    :func:`epoch_batches` of epoch ``epochs_anchor + 1 + p``), cut at ``steps``:
-    an arm with fewer rows sees each of them more often, the last pass may be
+    :func:`epoch_batches` of epoch ``epochs_anchor + 1 + p`` in ``cfg.stream``), cut at
+    ``steps``: an arm with fewer rows sees each of them more often, the last pass may be
     partial. For all rows of the finding this is exactly ``epochs_more`` epochs.
     """
     out: list[np.ndarray] = []
     p = 0
     while len(out) < steps:
-        out.extend(epoch_batches(n_rows, cfg.batch_size, cfg.seed, cfg.epochs_anchor + 1 + p))
+        out.extend(epoch_batches(n_rows, cfg.batch_size, cfg.seed, cfg.epochs_anchor + 1 + p, cfg.stream))
         p += 1
     return out[:steps]
 
@@ -634,63 +640,89 @@ def predictions_frame(rows, split: str, groups, y, logits) -> pd.DataFrame:
     })
 
 
-def run_baseline(cfg: TrainConfig, images: np.ndarray, cohort: pd.DataFrame, finding: str,
-                 out_dir: str | Path, threshold_rule: str = "youden", progress: bool = True,
-                 log=None) -> dict:
-    """One finding, one seed (``cfg.seed``): the two calls of the schedule, predictions, threshold.
+def baseline_anchor(cfg: TrainConfig, images: np.ndarray, tr, va, out_dir: str | Path,
+                    progress: bool = False) -> None:
+    """The baseline's first call (a grid task): epochs 1..``epochs_anchor`` from scratch on ``tr``.
 
-    Writes into ``out_dir`` (``03_baseline/<finding>/seed<s>``): epoch_01..15.pt,
-    history.csv, preds_{validate,test}_epoch{05,15}.parquet, threshold.json.
-    ``log``: the stage's step record (``Stage.steps(...)``, the run folder's resume
-    mechanism); with it a finished anchor call, continuation or prediction is not
-    repeated. This is exact because the continuation always starts from ``epoch_05.pt``
-    with a fresh optimizer. Without it everything is computed. Returns
-    ``{"resumed": [...], "threshold": ...}``.
+    ``tr``, ``va``: :func:`task_rows` tuples ``(rows, y, groups)`` of train and validate. Writes
+    ``epoch_01..<A>.pt`` and ``history.csv`` into ``out_dir``.
+    """
+    train(cfg, images, tr[0], tr[1], (0, cfg.epochs_anchor), out_dir, val=va, progress=progress)
+
+
+def baseline_rest(cfg: TrainConfig, images: np.ndarray, tr, va, te, out_dir: str | Path,
+                  threshold_rule: str = "youden", progress: bool = False) -> dict:
+    """The baseline's second part (a grid task after :func:`baseline_anchor`).
+
+    Continued ERM from ``epoch_<A>.pt`` (when ``epochs_more`` > 0), predictions of the anchor
+    and the last epoch on validate and test (``preds_<split>_epoch<ee>.parquet``), and each
+    one's threshold chosen on validate (``threshold.json``). Returns ``{epoch: threshold}``.
     """
     from .metrics import choose_threshold
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tr, va, te = (task_rows(cohort, finding, s) for s in ("train", "validate", "test"))
-    val = va
-    resumed = []
     ea, et = cfg.epochs_anchor, cfg.total_epochs
-
-    def done(step, *files):
-        return log is not None and log.done(step, files=tuple(out / f for f in files))
-
-    def mark(step):
-        if log is not None:
-            log.mark(step)
-
-    if done("anchor", f"epoch_{ea:02d}.pt"):
-        resumed.append("anchor")
-    else:
-        if log is not None:
-            log.forget("more")
-            log.forget("preds")
-        train(cfg, images, tr[0], tr[1], (0, ea), out, val=val, progress=progress)
-        mark("anchor")
-    if done("more", f"epoch_{et:02d}.pt"):
-        resumed.append("more")
-    else:
-        if cfg.epochs_more > 0:
-            continue_training(cfg, images, tr[0], tr[1], out / f"epoch_{ea:02d}.pt", out, val=val,
-                              progress=progress)
-        mark("more")
-    preds_done = done("preds", *(f"preds_{s}_epoch{e:02d}.parquet" for s in ("validate", "test")
-                                 for e in sorted({ea, et})))
+    if cfg.epochs_more > 0:
+        continue_training(cfg, images, tr[0], tr[1], out / f"epoch_{ea:02d}.pt", out, val=va,
+                          progress=progress)
     thresholds = {}
     for epoch in sorted({ea, et}):
         model = load_model(cfg, out / f"epoch_{epoch:02d}.pt")
         for split, (rows, y, groups) in (("validate", va), ("test", te)):
-            path = out / f"preds_{split}_epoch{epoch:02d}.parquet"
-            if not preds_done:
-                predictions_frame(rows, split, groups, y, predict(model, cfg, images, rows)).to_parquet(path)
+            predictions_frame(rows, split, groups, y, predict(model, cfg, images, rows)).to_parquet(
+                out / f"preds_{split}_epoch{epoch:02d}.parquet")
         pv = pd.read_parquet(out / f"preds_validate_epoch{epoch:02d}.parquet")
         thresholds[str(epoch)] = choose_threshold(pv["y"].to_numpy(), pv["prob"].to_numpy(), threshold_rule)
-    mark("preds")
     info = {"rule": threshold_rule, "split": "validate", "epoch": et, "threshold": thresholds[str(et)],
             "by_epoch": thresholds}
     (out / "threshold.json").write_text(json.dumps(info, indent=2))
-    return {"resumed": resumed, "threshold": thresholds[str(et)], "thresholds": thresholds}
+    return thresholds
+
+
+def baseline_files(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:
+    """What each part of the baseline writes (its step counts as done only while they exist)."""
+    ea, et = cfg.epochs_anchor, cfg.total_epochs
+    return {"anchor": (f"epoch_{ea:02d}.pt",),
+            "more": (f"epoch_{et:02d}.pt", "threshold.json",
+                     *(f"preds_{s}_epoch{e:02d}.parquet" for s in ("validate", "test") for e in sorted({ea, et})))}
+
+
+def run_baseline(cfg: TrainConfig, images: np.ndarray, cohort: pd.DataFrame, finding: str,
+                 out_dir: str | Path, threshold_rule: str = "youden", progress: bool = True,
+                 log=None) -> dict:
+    """One finding, one seed (``cfg.seed``), in this process: :func:`baseline_anchor` then :func:`baseline_rest`.
+
+    Writes into ``out_dir`` (``03_baseline/<finding>/seed<s>``): epoch_01..15.pt,
+    history.csv, preds_{validate,test}_epoch{05,15}.parquet, threshold.json.
+    ``log``: a step record (``Stage.steps(...)``, the run folder's resume mechanism);
+    with it a finished anchor (``anchor``) or continuation with predictions (``more``) is
+    not repeated. This is exact because the continuation always starts from ``epoch_05.pt``
+    with a fresh optimizer. Without it everything is computed. Stage 03 runs the same two
+    parts as grid tasks (:mod:`d3m_lib.grid`). Returns ``{"resumed": [...], "threshold": ...,
+    "thresholds": {epoch: threshold}}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tr, va, te = (task_rows(cohort, finding, s) for s in ("train", "validate", "test"))
+    files = baseline_files(cfg)
+    resumed = []
+
+    def done(step):
+        return log is not None and log.done(step, files=tuple(out / f for f in files[step]))
+
+    if done("anchor"):
+        resumed.append("anchor")
+    else:
+        if log is not None:
+            log.forget("more")
+        baseline_anchor(cfg, images, tr, va, out, progress=progress)
+        if log is not None:
+            log.mark("anchor")
+    if done("more"):
+        resumed.append("more")
+        thresholds = json.loads((out / "threshold.json").read_text())["by_epoch"]
+    else:
+        thresholds = baseline_rest(cfg, images, tr, va, te, out, threshold_rule, progress=progress)
+        if log is not None:
+            log.mark("more")
+    return {"resumed": resumed, "threshold": thresholds[str(cfg.total_epochs)], "thresholds": thresholds}

@@ -60,30 +60,58 @@ def test_every_arm_is_retrained_for_ercms_steps_and_written(result):
     run, cfg, cohort, res = result
     n_train = len(training.task_rows(cohort, FINDING, "train")[0])
     assert set(res.arms["method"]) == set(methods.selectable())        # null methods: every arm (synthetic)
+    draws = res.arms.groupby("method")["draw"].apply(sorted).to_dict()
+    assert draws["random"] == draws["auto_random"] == [0, 1, 2] and draws["d3m"] == [0]   # random_draws = 3
     assert res.arms["steps"].nunique() == 1
     assert res.arms["steps"].iloc[0] == 2 * int(np.ceil(n_train / 32))
     assert res.arms.set_index("method").loc["balanced", "n_kept"] < n_train   # fewer rows, same steps
-    cols = ["finding", "method", "seed", "split", "row", "group", "y", "logit", "prob", "threshold", "pred"]
+    cols = ["finding", "method", "seed", "draw", "split", "row", "group", "y", "logit", "prob", "threshold", "pred"]
     saved = pd.read_parquet(run.path / "05_d3m" / "predictions.parquet")
     assert list(saved.columns) == cols and set(saved["method"]) == set(methods.selectable()) | {"erm", "base"}
+    first = res.arms[res.arms["draw"] == 0].set_index("method")
     for m in ("d3m", "random", "balanced", "auto_d3m", "auto_random", "oracle"):
-        hist = pd.read_csv(run.path / "05_d3m" / FINDING / res.arms.set_index("method").loc[m, "model"]
-                           / "seed0" / "history.csv")
+        hist = pd.read_csv(run.path / "05_d3m" / FINDING / first.loc[m, "model"] / "seed0" / "history.csv")
         assert hist["step"].iloc[-1] == res.arms["steps"].iloc[0] and hist["epoch"].iloc[-1] == 3
     assert run.manifest("05_d3m")["complete"]
 
 
 def test_validated_k_comes_from_the_curve_and_controls_are_count_matched(result):
-    _, _, _, res = result
-    arms = res.arms.set_index("method")
+    run, _, _, res = result
+    arms = res.arms[res.arms["draw"] == 0].set_index("method")
     ck = res.chosen_k.set_index("method")
     assert arms.loc["d3m", "n_removed"] == ck.loc["d3m", "k"] == arms.loc["random", "n_removed"]
     assert arms.loc["auto_d3m", "n_removed"] == ck.loc["auto_d3m", "k"] == arms.loc["auto_random", "n_removed"]
+    assert (res.arms.loc[res.arms["method"] == "random", "n_removed"] == ck.loc["d3m", "k"]).all()
     v = res.curve[(res.curve["method"] == "d3m") & (res.curve["split"] == "validate") & (res.curve["k"] > 0)]
     assert ck.loc["d3m", "k"] == v.sort_values(["wga", "k"], ascending=[False, True])["k"].iloc[0]
     assert set(res.curve["k"]) == {0} | {max(1, round(f * arms.loc["d3m", "n_train"])) for f in (0.05, 0.15)}
-    # the d3m arm at the chosen k reuses the curve's model (same kept mask)
-    assert arms.loc["d3m", "model"] == f"curve_d3m_k{ck.loc['d3m', 'k']}"
+    assert set(res.curve["method"]) == {"d3m", "auto_d3m"} and ck.loc["d3m", "oracle_k"] == 12
+    # every test model is trained fresh in the default stream: never the curve model that won on validation
+    assert arms.loc["d3m", "model"] == "d3m"
+    d = run.path / "05_d3m" / FINDING
+    test_p = pd.read_parquet(d / "d3m" / "seed0" / "preds_test.parquet")
+    curve_p = pd.read_parquet(d / f"curve_d3m_k{ck.loc['d3m', 'k']}" / "seed0" / "preds_test.parquet")
+    assert not np.array_equal(test_p["logit"], curve_p["logit"])
+
+
+def test_random_draws_differ_and_are_deterministic(result, tmp_path):
+    _, _, _, res = result
+    s = res.selections[res.selections["method"] == "random"]
+    masks = [g["kept"].to_numpy() for _, g in s.groupby("draw")]
+    assert len(masks) == 3 and not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[1], masks[2])
+    p = res.predictions[(res.predictions["method"] == "random") & (res.predictions["split"] == "test")]
+    assert sorted(p["draw"].unique()) == [0, 1, 2]
+    assert (res.predictions.loc[~res.predictions["method"].isin(["random", "auto_random"]), "draw"] == 0).all()
+    # the same draws from a fresh selection context; another removal_seed draws others
+    from d3m_lib.methods import SelectionContext
+
+    rows = np.sort(s["row"].unique())
+    n = int((~masks[0]).sum())
+    for draw, mask in enumerate(masks):
+        ctx = SelectionContext(rows, seed=0, draw=draw, n_removed={"d3m": n})
+        assert np.array_equal(methods.get("random").select(ctx), mask)
+    other = SelectionContext(rows, seed=0, draw=0, removal_seed=1, n_removed={"d3m": n})
+    assert not np.array_equal(methods.get("random").select(other), masks[0])
 
 
 def test_oracle_removes_exactly_the_planted_images_and_tables_are_filled(result):

@@ -1,6 +1,7 @@
 """Stage 03: the baseline of every chosen finding and seed, and its per-group test metrics.
 
-Per finding and seed, :func:`d3m_lib.training.run_baseline` trains the **anchor**
+Per finding and seed, two tasks of the training grid (:mod:`d3m_lib.grid`,
+:func:`d3m_lib.training.baseline_anchor` and :func:`~d3m_lib.training.baseline_rest`) train the **anchor**
 (epochs 1..``epochs_anchor`` from scratch on all training images, its learning
 rate annealed to 0 within those epochs, :func:`d3m_lib.training.lr_at`) and then
 **continued ERM** (epochs ``epochs_anchor+1 .. epochs_anchor+epochs_more`` from
@@ -19,14 +20,15 @@ D3M, are reported per seed with their spread across seeds.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from .. import d3m, training
-from ..metrics import GroupMetrics
+from .. import d3m, grid, training
+from ..metrics import DESCRIPTIVE_SEED, GroupMetrics
 from ..rundir import Stage
 
 ANCHOR, FINAL = "base", "erm"  # d3m_lib.methods names of the anchor and of continued ERM
@@ -69,8 +71,6 @@ def anchor_loss_spread(losses: pd.DataFrame) -> pd.DataFrame:
 
 def run(stage: Stage, progress: bool = False) -> Result:
     """Train (or resume) every baseline, evaluate it, write the tables, finish the stage."""
-    from tqdm.auto import tqdm
-
     t_start = time.time()
     cfg, run_ = stage.cfg, stage.run
     cohort = run_.cohort()
@@ -81,19 +81,35 @@ def run(stage: Stage, progress: bool = False) -> Result:
 
     runs, hist, test, losses = [], [], [], []
     jobs = [(f, s) for f in findings for s in cfg.seeds]
-    for finding, seed in tqdm(jobs, desc="baseline", disable=not progress):
+    rows = {f: tuple(training.task_rows(cohort, f, s) for s in ("train", "validate", "test")) for f in findings}
+    tasks = []
+    for finding, seed in jobs:   # per finding and seed: the anchor, then continued ERM with predictions
         tcfg = training.TrainConfig.from_params(cfg.values, seed=seed)
         out = stage.model_dir(finding, seed)
-        t0 = time.time()
-        r = training.run_baseline(tcfg, images, cohort, finding, out, threshold_rule=cfg.threshold_rule,
-                                  progress=False, log=stage.steps(finding, f"seed{seed}"))
+        tr, va, te = rows[finding]
+        files = training.baseline_files(tcfg)
+        key = f"{finding}/seed{seed}"
+        tasks += [grid.Task(f"{key}/anchor", "d3m_lib.training:baseline_anchor",
+                            dict(cfg=tcfg, images=images, tr=tr, va=va, out_dir=out),
+                            files=tuple(out / f for f in files["anchor"])),
+                  grid.Task(f"{key}/more", "d3m_lib.training:baseline_rest",
+                            dict(cfg=tcfg, images=images, tr=tr, va=va, te=te, out_dir=out,
+                                 threshold_rule=cfg.threshold_rule),
+                            files=tuple(out / f for f in files["more"]), after=(f"{key}/anchor",))]
+    with grid.Grid(stage, "03 baseline", progress=progress) as g:
+        done = g.run(tasks)
+    for j, (finding, seed) in enumerate(jobs):
+        anchor, more = done[2 * j], done[2 * j + 1]
+        out = stage.model_dir(finding, seed)
+        thresholds = json.loads((out / "threshold.json").read_text())["by_epoch"]
         runs.append(dict(finding=finding, seed=seed,
-                         **{f"threshold_{m}": r["thresholds"][str(e)] for m, e in epochs.items()},
-                         resumed=",".join(r["resumed"]) or "-", seconds=round(time.time() - t0, 1)))
+                         **{f"threshold_{m}": thresholds[str(e)] for m, e in epochs.items()},
+                         resumed=",".join(n for n, r in (("anchor", anchor), ("more", more)) if r.resumed) or "-",
+                         seconds=round(anchor.seconds + more.seconds, 1)))
         hist.append(pd.read_csv(out / "history.csv").assign(finding=finding, seed=seed))
         for model, e in epochs.items():
             p = pd.read_parquet(out / f"preds_test_epoch{e:02d}.parquet")
-            t = r["thresholds"][str(e)]
+            t = thresholds[str(e)]
             test.append(p.assign(finding=finding, seed=seed, model=model, epoch=e,
                                  pred=(p["prob"] >= t).astype(int)))
         pv = pd.read_parquet(out / f"preds_validate_epoch{epochs[ANCHOR]:02d}.parquet")
@@ -114,7 +130,7 @@ def run(stage: Stage, progress: bool = False) -> Result:
     for finding, frame in test.groupby("finding", sort=False):
         gm = GroupMetrics.from_frame(frame, cluster="subject_id" if subject is not None else None,
                                      model="model", seed="seed", n_boot=cfg.n_boot, ci_level=cfg.ci_level,
-                                     random_state=cfg.stats_seed, min_group_n=cfg.min_group_n)
+                                     random_state=DESCRIPTIVE_SEED, min_group_n=cfg.min_group_n)
         metrics_t.append(gm.table().assign(finding=finding))
         w = gm.worst_ci("accuracy")
         d = gm.difference_ci("accuracy")[["model", "value", "lo", "hi"]]

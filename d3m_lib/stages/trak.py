@@ -28,15 +28,17 @@ Attribution quality, replacing the self-influence check (issue 11 item 8):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .. import attribution, d3m, synthetic, training
+from .. import attribution, d3m, grid, synthetic, training
 from ..rundir import Stage
 
 EQUAL = "mean over groups"
@@ -144,19 +146,29 @@ def examples_table(scorer, cohort: pd.DataFrame, finding: str, seed: int, n_targ
                                           ignore_index=True)
 
 
+def lds_subset_model(cfg: training.TrainConfig, images, rows, y, targets, out_dir) -> None:
+    """One LDS subset model (a grid task): the anchor's epochs on ``rows``, its logits on ``targets``.
+
+    Writes ``epoch_<A>.pt`` and ``margins.npy`` (the logits; the stage signs them by label).
+    """
+    out = Path(out_dir)
+    training.train(cfg, images, rows, y, (0, int(cfg.epochs_anchor)), out, progress=False)
+    np.save(out / "margins.npy", training.predict(out / f"epoch_{int(cfg.epochs_anchor):02d}.pt", cfg, images,
+                                                  targets))
+
+
 def linear_datamodeling(stage: Stage, scorer, cohort: pd.DataFrame, images, finding: str, seed: int, *,
                         n_models: int, n_targets: int, subset_fraction: float, progress: bool = False) -> dict:
     """LDS of ``scorer`` (one finding and seed) from ``n_models`` anchor models on random subsets.
 
     Subset models train epochs 1..``epochs_anchor`` with the anchor's configuration and
-    seed, on a random ``subset_fraction`` of the finding's training images; each is kept
-    in ``04_trak/lds/<finding>/model<k>/`` with its subset mask, so an interrupted run
+    seed, on a random ``subset_fraction`` of the finding's training images; each is a task
+    of the training grid (:func:`lds_subset_model`), kept in ``04_trak/lds/<finding>/model<k>/``
+    and recorded with its subset's hash in the stage's step record, so an interrupted run
     resumes. Targets: ``n_targets`` validation images (all if fewer), drawn with
     ``trak_seed + 1``. Returns :func:`d3m_lib.attribution.lds`'s dict (``per_target``
     as a list), with the finding, seed and targets; also written to ``lds.json``.
     """
-    from tqdm.auto import tqdm
-
     cfg = stage.cfg
     val_rows, val_y, _ = training.task_rows(cohort, finding, "validate")
     pick = np.random.default_rng(cfg.trak_seed + 1).choice(len(val_rows), size=min(n_targets, len(val_rows)),
@@ -167,24 +179,24 @@ def linear_datamodeling(stage: Stage, scorer, cohort: pd.DataFrame, images, find
     if not np.array_equal(tr_rows, scorer.train_rows):
         raise RuntimeError("the scorer's training rows differ from the finding's training split")
     tcfg = training.TrainConfig.from_params(cfg.values, seed=seed, device=str(training.resolve_device(cfg.device)))
-    ea = int(cfg.epochs_anchor)
-    bar = tqdm(total=n_models, desc=f"LDS subset models ({finding})", disable=not progress)
-    count = [0]
+    masks = attribution.lds_subsets(len(tr_rows), n_models, subset_fraction, cfg.trak_seed)
+    tasks = []
+    for k, mask in enumerate(masks, start=1):   # one grid task per subset model
+        out = stage.path("lds", training.finding_dirname(finding), f"model{k:02d}", "mask.npy").parent
+        tasks.append(grid.Task(f"lds/{finding}/model{k:02d}", "d3m_lib.stages.trak:lds_subset_model",
+                               dict(cfg=tcfg, images=images, rows=tr_rows[mask], y=tr_y[mask], targets=targets,
+                                    out_dir=out),
+                               signature=hashlib.sha256(np.packbits(mask).tobytes()).hexdigest(),
+                               files=(out / "margins.npy",)))
+    with grid.Grid(stage, f"04 LDS subset models ({finding})", progress=progress) as g:
+        g.run(tasks)
+    actual = iter([(2 * y_t - 1) * np.load(t.files[0]) for t in tasks])
 
-    def margins(mask: np.ndarray) -> np.ndarray:
-        count[0] += 1
-        out = stage.path("lds", training.finding_dirname(finding), f"model{count[0]:02d}", "mask.npy").parent
-        ck = out / f"epoch_{ea:02d}.pt"
-        done = ck.exists() and (out / "mask.npy").exists() and np.array_equal(np.load(out / "mask.npy"), mask)
-        if not done:
-            np.save(out / "mask.npy", mask)
-            training.train(tcfg, images, tr_rows[mask], tr_y[mask], (0, ea), out, progress=False)
-        bar.update(1)
-        return (2 * y_t - 1) * training.predict(ck, tcfg, images, targets)
+    def margins(mask: np.ndarray) -> np.ndarray:   # lds asks in the order of lds_subsets
+        return next(actual)
 
     res = attribution.lds(s, margins, n_models=n_models, subset_fraction=subset_fraction, seed=cfg.trak_seed,
                           n_boot=cfg.n_boot, ci_level=cfg.ci_level)
-    bar.close()
     res = {**res, "per_target": [float(v) for v in res["per_target"]], "finding": finding, "seed": int(seed),
            "targets": [int(t) for t in targets], "subset_fraction": float(subset_fraction),
            "ci_level": float(cfg.ci_level)}
@@ -217,7 +229,7 @@ def run(stage: Stage, progress: bool = False) -> Result:
         if cfg.trak_ray_workers:  # the same features, computed in shards on Ray workers
             from ..ray_featurize import featurize_on_ray
 
-            featurize_on_ray(sc, cfg.trak_ray_workers, address=cfg.trak_ray_address,
+            featurize_on_ray(sc, cfg.trak_ray_workers, address=cfg.ray_address,
                              open_images=partial(run_.images, cohort["row"]))
         else:
             sc.featurize()
