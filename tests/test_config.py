@@ -25,6 +25,12 @@ def test_each_parameter_is_listed_by_exactly_one_owning_notebook():
 @pytest.mark.parametrize("values, message", [
     ({"seeds": "abc"}, "'seeds' = 'abc': must be a list of integers"),
     ({"seeds": [0, 0]}, "without repeats"),
+    ({"synthetic_split": [0.5, 0.5]}, "three positive shares"),
+    ({"synthetic_split": [0.5, 0.3, 0.3]}, "sum to 1"),
+    ({"primary_contrast": ["d3m", "d3m"]}, "two different arms"),
+    ({"primary_contrast": ["d3m", "oracel"]}, "did you mean 'oracle'"),
+    ({"methods": ["d3m", "oracle"]}, "'primary_contrast' = \\['d3m', 'random'\\]: arm\\(s\\) \\['random'\\] are not"),
+    ({"smallest_effect": 0}, "must be > 0"),
     ({"width": True}, "'width' = True: must be an integer"),
     ({"lr": 0}, "'lr' = 0: must be > 0"),
     ({"ci_level": 1.5}, "must be < 1"),

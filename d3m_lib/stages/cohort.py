@@ -64,7 +64,8 @@ def _synthetic_inputs(cfg, stage_dir: Path, progress: bool = False) -> tuple[Pat
     if cfg.mimic_iv_dir is not None and Path(cfg.mimic_iv_dir).resolve() != (out / synth.IV_DIR).resolve():
         raise ValueError(f"synthetic=True: mimic_iv_dir must be {out / synth.IV_DIR} (got {cfg.mimic_iv_dir})")
     gen = synth.generate(out, progress=progress, n_patients=cfg.synthetic_n_patients,
-                         image_size=cfg.synthetic_image_size, seed=cfg.synthetic_seed)
+                         image_size=cfg.synthetic_image_size, seed=cfg.synthetic_seed,
+                         split_fractions=tuple(cfg.synthetic_split))
     return out, out / synth.CXR_DIR, out / synth.IV_DIR, gen
 
 
@@ -102,7 +103,7 @@ def group_rule_text(cfg) -> str:
 
 
 def _read(cfg, stage_dir: Path, is_synthetic: bool, progress: bool = False):
-    """The cohort before the cache; ``(result, image_root, synthetic_dir, source)``."""
+    """The cohort before the cache; ``(result, image_root, synthetic_dir, source, input files)``."""
     synthetic_dir = None
     if cfg.dataset == "mimic":
         if is_synthetic:
@@ -117,11 +118,12 @@ def _read(cfg, stage_dir: Path, is_synthetic: bool, progress: bool = False):
         result = cohortmod.build_mimic_cohort(cxr_dir, iv_dir, uncertain_labels=cfg.uncertain_labels,
                                               race_rule=cfg.race_rule, missing_race=cfg.missing_race,
                                               progress=progress)
-        return result, Path(cxr_dir), synthetic_dir, source
+        return result, Path(cxr_dir), synthetic_dir, source, cohortmod.mimic_input_files(cxr_dir, iv_dir)
     if cfg.nih_dir is None:
         raise ValueError("dataset=nih: set the parameter nih_dir to the NIH ChestX-ray14 folder")
     result = nih.build_nih_cohort(cfg.nih_dir, group=cfg.nih_group, seed=cfg.nih_split_seed)
-    return result, Path(cfg.nih_dir), None, data_source(cfg, False)
+    labels = [f for f in (Path(cfg.nih_dir) / nih.LABEL_FILE,) if f.is_file()]
+    return result, Path(cfg.nih_dir), None, data_source(cfg, False), labels
 
 
 def _labels_note(cfg) -> tuple[str, pd.DataFrame | None]:
@@ -160,13 +162,26 @@ def _synthetic_dir_in_summary(synthetic_dir: Path | None, run_path: Path) -> str
     return str(d.relative_to(root)) if d.is_relative_to(root) else str(d)
 
 
+def _listed_images(result) -> list[str]:
+    """The images stage 01 looked for: those it kept and those absent on disk (their return counts)."""
+    ex = result.exclusions
+    absent = ex[ex["step"] == "image on disk"]
+    paths = list(result.table["path"])
+    if len(absent):
+        paths += list(cohortmod.image_relpath(absent["subject_id"].astype(str), absent["study_id"].astype(str),
+                                              absent["image_id"].astype(str)))
+    return paths
+
+
 def run(stage, progress: bool = False) -> Result:
     """Everything stage 01 computes; writes its files into ``stage.dir`` and finishes the stage."""
     cfg = stage.cfg
     is_synthetic = cfg.dataset == "mimic" and bool(cfg.synthetic)
     policy = Policy.from_params(cfg.dataset, is_synthetic, cfg.credentialed, cfg.publish_identifiers,
                                 cfg.publish_images)
-    result, image_root, synthetic_dir, source = _read(cfg, stage.dir, is_synthetic, progress)
+    result, image_root, synthetic_dir, source, input_files = _read(cfg, stage.dir, is_synthetic, progress)
+    # what was read, so that a later change to it is found (rundir: status, require, a re-run)
+    stage.record_inputs(input_files, image_root, _listed_images(result))
     # decode every listed image once; unreadable ones are then excluded and counted like absent ones
     report = image_cache.build_cache([image_root / p for p in result.table["path"]], stage.dir / "image_cache",
                                      cfg.image_size, workers=cfg.cache_workers, progress=progress)
