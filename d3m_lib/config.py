@@ -139,6 +139,10 @@ PARAMS: tuple[Param, ...] = (
       check=_range(50)),
     P("synthetic_image_size", 64, "pixels of the synthetic JPEGs", (S01,), type="int", check=_range(16)),
     P("synthetic_seed", 0, "seed of the synthetic cohort", (S01,), type="int"),
+    P("synthetic_scenario", "planted", "which biases the synthetic cohort plants: planted (shortcut + label "
+      "flips, undone by removal), null (nothing), flips_only, shortcut_only, non_removable (a device difference "
+      "only) or realistic (all three, noisy evaluation labels); d3m_lib.synthetic.SCENARIOS", (S01,),
+      choices=("planted", "null", "flips_only", "shortcut_only", "non_removable", "realistic")),
     P("synthetic_split", [0.5, 0.2, 0.3], "train, validate and test shares of the synthetic cohort's patients "
       "(a larger test share buys power cheaply: evaluation costs no training)", (S01,), type="float_list",
       check=_split_shares),

@@ -13,13 +13,19 @@ layout, and read only by evaluation code:
 
 - ``planted_ground_truth.csv.gz``: the training images that carry a planted
   bias (``kind`` ``shortcut`` or ``label_flip``) and the finding it concerns;
-- ``planted_eval_markers.csv.gz``: validate/test images that show a shortcut
-  marker (placed by group and label, not by what the image shows);
+- ``planted_eval_markers.csv.gz``: images that show a shortcut marker that is
+  not planted harm: every validate/test marker (placed by group and label, not by
+  what the image shows) and, where ``shortcut_train_p_neg`` > 0, the markers on the
+  evaluation groups' training negatives;
+- ``planted_eval_flips.csv.gz``: validate/test labels flipped (when
+  ``label_flip_splits`` names them: evaluation labels as noisy as training ones);
 - ``synthetic_spec.json``: every generator parameter, the cue of each finding,
   the marker positions, the counts, the generator version;
 - ``.synthetic_complete``: written last; its presence means the folder is whole.
 
-Planted biases (parameters in ``DEFAULTS``): (a) a *shortcut*: in the training
+Named settings of these biases are the scenarios of :data:`SCENARIOS` (``planted``
+is the default; ``null`` plants nothing; ``realistic`` all three, with noisy
+evaluation labels). Planted biases (parameters in ``DEFAULTS``): (a) a *shortcut*: in the training
 split, a per-finding marker appears on ``shortcut_p_pos`` of the positive images
 of ``shortcut_group`` (``shortcut_p_neg`` of its negative or unlabelled images,
 the midpoint of the two on its uncertain ones), so the marker
@@ -65,11 +71,12 @@ from scipy.special import ndtr, ndtri
 from . import race as race_mod
 from .constants import FINDINGS, RACE_GROUPS, SPLITS
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 SPEC_FILE = "synthetic_spec.json"
 COMPLETE_FILE = ".synthetic_complete"
 GROUND_TRUTH_FILE = "planted_ground_truth.csv.gz"
 EVAL_MARKERS_FILE = "planted_eval_markers.csv.gz"
+EVAL_FLIPS_FILE = "planted_eval_flips.csv.gz"   # validate/test labels flipped (scenario realistic)
 CXR_DIR = "mimic-cxr-jpg"
 IV_DIR = "mimiciv"
 
@@ -176,11 +183,14 @@ DEFAULTS: dict[str, Any] = dict(
     shortcut_eval_groups=("Black or African American",),
     shortcut_eval_p_pos=0.0,  # P(marker | label 1.0), validate/test images of those groups
     shortcut_eval_p_neg=0.8,  # P(marker | any other label), validate/test images of those groups
+    shortcut_train_p_neg=0.0,  # P(marker | not positive), *training* images of those groups (realistic: the
+                               # evaluation-time marker is also seen in training, at a lower rate)
     # (b) label errors in the CheXpert file, training studies of one group
     label_flip_group="Black or African American",
     label_flip_findings=tuple(FINDINGS),
     label_flip_pos_rate=0.4,  # 1.0 -> 0.0 (missed finding, as in under-diagnosis)
     label_flip_neg_rate=0.05,  # 0.0 or blank -> 1.0
+    label_flip_splits=("train",),  # splits whose labels are flipped (realistic: all, so test labels are noisy)
     # (c) acquisition difference (off: None): part of one group's images come from a
     # noisier, lower-contrast device (weaker cues); no removal of training images undoes it
     hardware_group=None,
@@ -189,7 +199,54 @@ DEFAULTS: dict[str, Any] = dict(
     hardware_noise=0.05,
 )
 
-_SEQ_PARAMS = ("split_fractions", "shortcut_findings", "shortcut_eval_groups", "label_flip_findings")
+_SEQ_PARAMS = ("split_fractions", "shortcut_findings", "shortcut_eval_groups", "label_flip_findings",
+               "label_flip_splits")
+
+_NO_SHORTCUT = dict(shortcut_group=None, shortcut_eval_groups=(), shortcut_train_p_neg=0.0)
+_NO_FLIPS = dict(label_flip_group=None)
+_DEVICE = dict(hardware_group="Black or African American")
+# Named settings of the testbed (``synthetic_scenario``): overrides of DEFAULTS. The methods page shows
+# them as a table (:func:`scenario_table`).
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "planted": {},
+    "null": {**_NO_SHORTCUT, **_NO_FLIPS},
+    "flips_only": {**_NO_SHORTCUT},
+    "shortcut_only": {**_NO_FLIPS},
+    "non_removable": {**_NO_SHORTCUT, **_NO_FLIPS, **_DEVICE},
+    "realistic": {**_DEVICE, "shortcut_train_p_neg": 0.3, "label_flip_splits": ("train", "validate", "test")},
+}
+SCENARIO_TEXT = {
+    "planted": "shortcut markers and label flips, both undone by removing the planted training images",
+    "null": "nothing planted: no shortcut, no flips, no device difference",
+    "flips_only": "label flips in one group's training labels only",
+    "shortcut_only": "the shortcut marker only",
+    "non_removable": "a noisier, lower-contrast device for part of one group's images: harm no removal undoes",
+    "realistic": "all three; the evaluation-time marker also on that group's training negatives (rate 0.3); "
+                 "labels flipped in validation and test as in training, as report-derived labels are",
+}
+
+
+def scenario_params(name: str) -> dict[str, Any]:
+    """The generator settings of scenario ``name`` (overrides of ``DEFAULTS``)."""
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown synthetic scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+    return dict(SCENARIOS[name])
+
+
+def scenario_table() -> pd.DataFrame:
+    """One row per scenario: what it plants and the generator settings that differ from ``planted``."""
+    rows = []
+    for name, over in SCENARIOS.items():
+        p = {**DEFAULTS, **over}
+        rows.append({
+            "scenario": name, "what is planted": SCENARIO_TEXT[name],
+            "shortcut (train positives of)": p["shortcut_group"] or "–",
+            "marker at evaluation (negatives of)": ", ".join(p["shortcut_eval_groups"]) or "–",
+            "marker on train negatives": p["shortcut_train_p_neg"] if p["shortcut_eval_groups"] else "–",
+            "label flips (group; splits)": (f"{p['label_flip_group']}; {', '.join(p['label_flip_splits'])}"
+                                            if p["label_flip_group"] else "–"),
+            "device difference": p["hardware_group"] or "–"})
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- labels
@@ -445,8 +502,11 @@ def _normalise(params: dict[str, Any]) -> dict[str, Any]:
     bad = [g for g in p["shortcut_eval_groups"] if g not in RACE_GROUPS]
     if bad:
         raise ValueError(f"shortcut_eval_groups: {bad} not in {RACE_GROUPS}")
+    bad = [x for x in p["label_flip_splits"] if x not in SPLITS]
+    if bad:
+        raise ValueError(f"label_flip_splits: {bad} not in {SPLITS}")
     for k in ("shortcut_p_pos", "shortcut_p_neg", "shortcut_eval_p_pos", "shortcut_eval_p_neg",
-              "label_flip_pos_rate", "label_flip_neg_rate", "hardware_prob"):
+              "shortcut_train_p_neg", "label_flip_pos_rate", "label_flip_neg_rate", "hardware_prob"):
         if not 0.0 <= float(p[k]) <= 1.0:
             raise ValueError(f"{k}={p[k]!r}: a probability, expected a number in [0, 1]")
     fr = p["split_fractions"]
@@ -604,7 +664,8 @@ def _cohort_tables(p: dict[str, Any]) -> dict[str, Any]:
     observed = labels.copy()
     flips = []
     if p["label_flip_group"] is not None:
-        st_ok = (group[st_pat] == p["label_flip_group"]) & (split[st_pat] == "train") & ~no_row
+        st_ok = (group[st_pat] == p["label_flip_group"]) & np.isin(split[st_pat], list(p["label_flip_splits"])) \
+            & ~no_row
         for f in p["label_flip_findings"]:
             col = observed[f].to_numpy().copy()
             r = rng.random(S)
@@ -628,11 +689,17 @@ def _cohort_tables(p: dict[str, Any]) -> dict[str, Any]:
                             np.where(obs_img[:, k] == -1.0, 0.5 * (p["shortcut_p_pos"] + p["shortcut_p_neg"]),
                                      p["shortcut_p_neg"]))
             markers[:, k] = tr & (r[:, k] < prob)
-    ev = np.isin(img_group, p["shortcut_eval_groups"]) & (img_split != "train")
+    in_eval_group = np.isin(img_group, list(p["shortcut_eval_groups"]))
+    ev = in_eval_group & (img_split != "train")
+    counter = np.zeros_like(markers)  # markers on the evaluation groups' training negatives: not planted harm
     for f in p["shortcut_findings"]:
         k = FINDINGS.index(f)
         prob = np.where(obs_img[:, k] == 1.0, p["shortcut_eval_p_pos"], p["shortcut_eval_p_neg"])
         markers[:, k] |= ev & (r[:, k] < prob)
+        if p["shortcut_train_p_neg"] > 0:
+            counter[:, k] = (in_eval_group & (img_split == "train") & (obs_img[:, k] != 1.0)
+                             & (r[:, k] < p["shortcut_train_p_neg"]))
+    markers |= counter
     hardware = ((img_group == p["hardware_group"]) & (rng.random(N) < p["hardware_prob"])
                 if p["hardware_group"] is not None else np.zeros(N, dtype=bool))
     img_seed = rng.integers(0, 2 ** 62, N)
@@ -667,17 +734,22 @@ def _cohort_tables(p: dict[str, Any]) -> dict[str, Any]:
 
     # Ground truth (training images only) and validate/test markers.
     gt = []
+    eval_flips = []
     for j, f in flips:
         for i in np.flatnonzero(img_st == j):
-            gt.append((dicom_ids[i], sid_img[i], stid_img[i], img_split[i], "label_flip", f))
-    for i, k in zip(*np.nonzero(markers)):
+            row = (dicom_ids[i], sid_img[i], stid_img[i], img_split[i])
+            if img_split[i] == "train":
+                gt.append(row + ("label_flip", f))
+            else:
+                eval_flips.append(row + (f,))
+    for i, k in zip(*np.nonzero(markers & ~counter)):
         row = (dicom_ids[i], sid_img[i], stid_img[i], img_split[i])
         if img_split[i] == "train":
             gt.append(row + ("shortcut", FINDINGS[k]))
     gt = pd.DataFrame(gt, columns=["dicom_id", "subject_id", "study_id", "split", "kind", "finding"])
     gt = gt.sort_values(["kind", "finding", "subject_id", "study_id", "dicom_id"]).reset_index(drop=True)
     evm = [(dicom_ids[i], sid_img[i], stid_img[i], img_split[i], FINDINGS[k])
-           for i, k in zip(*np.nonzero(markers)) if img_split[i] != "train"]
+           for i, k in zip(*np.nonzero(markers)) if img_split[i] != "train" or counter[i, k]]
     evm = pd.DataFrame(evm, columns=["dicom_id", "subject_id", "study_id", "split", "finding"])
     evm = evm.sort_values(["finding", "subject_id", "study_id", "dicom_id"]).reset_index(drop=True)
 
@@ -698,10 +770,12 @@ def _cohort_tables(p: dict[str, Any]) -> dict[str, Any]:
         "planted_label_flips": int(len(flips)),
         "planted_ground_truth_rows": {k: int(v) for k, v in gt["kind"].value_counts().items()},
         "eval_marker_rows": int(len(evm)),
+        "eval_label_flips": int(len(eval_flips)),
         "hardware_images": int(hardware.sum()),
     }
+    eval_flips = pd.DataFrame(eval_flips, columns=["dicom_id", "subject_id", "study_id", "split", "finding"])
     return dict(patients=patients, admissions=admissions, metadata=metadata, chexpert=chexpert,
-                split=split_df, ground_truth=gt, eval_markers=evm, jobs=jobs, counts=counts)
+                split=split_df, ground_truth=gt, eval_markers=evm, eval_flips=eval_flips, jobs=jobs, counts=counts)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -758,6 +832,7 @@ def generate(out_dir: str | Path, n_jobs: int | None = None, progress: bool = Tr
     _write_csv(t["patients"], hosp / "patients.csv.gz")
     _write_csv(t["ground_truth"], out / GROUND_TRUTH_FILE)
     _write_csv(t["eval_markers"], out / EVAL_MARKERS_FILE)
+    _write_csv(t["eval_flips"], out / EVAL_FLIPS_FILE)
 
     jobs = [(str(cxr / j[0]),) + j[1:] for j in t["jobs"]]
     n_jobs = n_jobs or os.cpu_count() or 1
@@ -791,13 +866,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-patients", type=int, default=DEFAULTS["n_patients"])
     parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help="pixels")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--scenario", default="planted", choices=list(SCENARIOS),
+                        help="which biases to plant (d3m_lib.synthetic.SCENARIOS)")
     parser.add_argument("--jobs", type=int, default=None, help="image-writing processes (default: all cores)")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``generate`` from parsed CLI flags and print its summary."""
     summary = generate(args.out, n_jobs=args.jobs, n_patients=args.n_patients,
-                       image_size=args.image_size, seed=args.seed)
+                       image_size=args.image_size, seed=args.seed, **scenario_params(args.scenario))
     print(json.dumps(summary, indent=2, sort_keys=True))
     return summary
 

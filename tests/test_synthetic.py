@@ -249,3 +249,48 @@ def test_device_difference_is_off_by_default_and_can_be_switched_on(tiny, tmp_pa
     md = tiny["md"]
     black = md["subject_id"].map(tiny["group"]).eq("Black or African American").sum()
     assert on["hardware_images"] == black > 0
+
+
+def _tables(scenario, n_patients=400):
+    p = synthetic._normalise({"n_patients": n_patients, "image_size": 24, **synthetic.scenario_params(scenario)})
+    t = synthetic._cohort_tables(p)
+    markers = np.array([j[4].any() for j in t["jobs"]])
+    hardware = np.array([j[5] for j in t["jobs"]])
+    return t, markers, hardware
+
+
+def test_scenarios_plant_what_they_say():
+    t, markers, hardware = _tables("null")
+    assert t["ground_truth"].empty and not markers.any() and not hardware.any() and t["eval_flips"].empty
+    t, markers, hardware = _tables("flips_only")
+    assert set(t["ground_truth"]["kind"]) == {"label_flip"} and not markers.any() and not hardware.any()
+    t, markers, hardware = _tables("shortcut_only")
+    assert set(t["ground_truth"]["kind"]) == {"shortcut"} and markers.any() and not hardware.any()
+    assert t["counts"]["planted_label_flips"] == 0
+    t, markers, hardware = _tables("non_removable")
+    assert t["ground_truth"].empty and not markers.any() and hardware.any()
+    t, markers, hardware = _tables("realistic")
+    assert set(t["ground_truth"]["kind"]) == {"shortcut", "label_flip"} and hardware.any()
+    assert set(t["eval_flips"]["split"]) == {"validate", "test"}     # evaluation labels are noisy too
+    assert (t["ground_truth"]["split"] == "train").all()           # the oracle removes training images only
+    ev = t["eval_markers"]
+    assert (ev["split"] == "train").any()   # the evaluation-time marker is also seen in training
+    # ... and those training markers are not listed as planted harm
+    gt = t["ground_truth"]
+    shortcut = set(zip(gt.loc[gt["kind"] == "shortcut", "dicom_id"], gt.loc[gt["kind"] == "shortcut", "finding"]))
+    assert not set(zip(ev.loc[ev["split"] == "train", "dicom_id"], ev.loc[ev["split"] == "train", "finding"])) \
+        & shortcut
+
+
+def test_planted_scenario_is_the_default_and_unchanged():
+    a, _, _ = _tables("planted")
+    p = synthetic._normalise({"n_patients": 400, "image_size": 24})
+    b = synthetic._cohort_tables(p)
+    pd.testing.assert_frame_equal(a["ground_truth"], b["ground_truth"])
+    assert a["eval_flips"].empty and (a["eval_markers"]["split"] != "train").all()
+    with pytest.raises(ValueError, match="unknown synthetic scenario 'nul'"):
+        synthetic.scenario_params("nul")
+    with pytest.raises(ValueError, match="label_flip_splits"):
+        synthetic._normalise({"label_flip_splits": ["training"]})
+    table = synthetic.scenario_table()
+    assert list(table["scenario"]) == list(synthetic.SCENARIOS)

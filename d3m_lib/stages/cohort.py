@@ -65,7 +65,8 @@ def _synthetic_inputs(cfg, stage_dir: Path, progress: bool = False) -> tuple[Pat
         raise ValueError(f"synthetic=True: mimic_iv_dir must be {out / synth.IV_DIR} (got {cfg.mimic_iv_dir})")
     gen = synth.generate(out, progress=progress, n_patients=cfg.synthetic_n_patients,
                          image_size=cfg.synthetic_image_size, seed=cfg.synthetic_seed,
-                         split_fractions=tuple(cfg.synthetic_split))
+                         split_fractions=tuple(cfg.synthetic_split),
+                         **synth.scenario_params(cfg.synthetic_scenario))
     return out, out / synth.CXR_DIR, out / synth.IV_DIR, gen
 
 
