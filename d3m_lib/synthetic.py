@@ -234,19 +234,14 @@ def scenario_params(name: str) -> dict[str, Any]:
 
 
 def scenario_table() -> pd.DataFrame:
-    """One row per scenario: what it plants and the generator settings that differ from ``planted``."""
-    rows = []
-    for name, over in SCENARIOS.items():
-        p = {**DEFAULTS, **over}
-        rows.append({
-            "scenario": name, "what is planted": SCENARIO_TEXT[name],
-            "shortcut (train positives of)": p["shortcut_group"] or "–",
-            "marker at evaluation (negatives of)": ", ".join(p["shortcut_eval_groups"]) or "–",
-            "marker on train negatives": p["shortcut_train_p_neg"] if p["shortcut_eval_groups"] else "–",
-            "label flips (group; splits)": (f"{p['label_flip_group']}; {', '.join(p['label_flip_splits'])}"
-                                            if p["label_flip_group"] else "–"),
-            "device difference": p["hardware_group"] or "–"})
-    return pd.DataFrame(rows)
+    """One row per scenario: what it plants and its generator settings (overrides of ``DEFAULTS``)."""
+    def settings(over):
+        if not over:
+            return "the defaults of d3m_lib.synthetic.DEFAULTS"
+        return "; ".join(f"{k} = {', '.join(v) if isinstance(v, tuple) and v else ('none' if v in ((), None) else v)}"
+                         for k, v in over.items())
+    return pd.DataFrame([{"scenario": name, "what is planted": SCENARIO_TEXT[name],
+                          "generator settings": settings(over)} for name, over in SCENARIOS.items()])
 
 
 # --------------------------------------------------------------------------- labels
