@@ -1,9 +1,11 @@
-"""Command line: ``python -m d3m_lib run | book | params | status | power | demo-data``."""
+"""Command line: ``python -m d3m_lib run | book | params | status | power | sweep | demo-data``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+import pandas as pd
 
 from . import config, synthetic
 from .config import ConfigError
@@ -53,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     pw.add_argument("--effect", type=float, help="effect to detect, e.g. 0.05: print the seeds needed per "
                                                  "test-set size")
 
+    sw = sub.add_parser("sweep", help="run one study design on every synthetic scenario and tabulate the answers",
+                        description="Runs PARAMS once per synthetic_scenario into <run-root>/<scenario>, then "
+                                    "writes <run-root>/scenario_sweep.csv and .json (d3m_lib.sweep).")
+    sw.add_argument("params", help="YAML file of parameters (params/*.yaml)")
+    sw.add_argument("--scenarios", default=",".join(synthetic.SCENARIOS),
+                    help="comma-separated scenarios (default: all)")
+    sw.add_argument("--run-root", default="runs/sweep", help="folder of the per-scenario run folders")
+    sw.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="override one parameter of every run (read as YAML)")
+    sw.add_argument("--null-seeds-per-study", type=int, default=3,
+                    help="seeds per sub-study for the null scenario's claim rate")
+
     d = sub.add_parser("demo-data", help="write a synthetic MIMIC-CXR-JPG + MIMIC-IV copy",
                        description="Write a synthetic cohort in MIMIC's file layout, with planted "
                                    "biases recorded beside it (d3m_lib.synthetic).")
@@ -91,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.effect is not None and not 0 < args.effect < 1:
                 raise RunnerError(f"--effect {args.effect}: must lie strictly between 0 and 1")
             print(power.from_run(args.run_dir).text(args.effect))
+        elif args.command == "sweep":
+            from . import sweep
+
+            record = sweep.run_sweep(args.params, [s for s in args.scenarios.split(",") if s],
+                                     args.run_root, parse_overrides(args.param),
+                                     null_seeds_per_study=args.null_seeds_per_study)
+            print(sweep.display_table(pd.DataFrame(record["table"])).to_string(index=False))
+            if "null_claim_rate" in record:
+                c = record["null_claim_rate"]
+                print(f"null: primary contrast claimed in {c['claimed']} of {c['studies']} sub-studies of "
+                      f"{c['seeds_per_study']} seeds")
         elif args.command == "demo-data":
             try:
                 synthetic.main(args)

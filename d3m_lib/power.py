@@ -93,6 +93,10 @@ class Power:
     def text(self, effect: float | None = None) -> str:
         """What ``python -m d3m_lib power`` prints."""
         pct = f"{round(100 * self.power)}% power, two-sided {self.alpha:g}"
+        if self.n_seeds < 2:
+            return (f"primary contrast: {self.finding}, test worst-group accuracy, {self.a} − {self.b}: "
+                    f"{self.estimate:+.3f} from one seed; the between-seed variance, and so the minimum "
+                    "detectable effect, needs at least two seeds")
         lines = [f"primary contrast: {self.finding}, test worst-group accuracy, {self.a} − {self.b}",
                  f"  seeds {self.n_seeds}; test patients {self.test_patients} "
                  f"(smallest eligible group {self.worst_patients})",

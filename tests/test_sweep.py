@@ -1,0 +1,38 @@
+"""The scenario sweep's table and claim rate, and the power command, on the smoke run's artifacts."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from d3m_lib import sweep
+from d3m_lib.__main__ import main
+
+
+@pytest.mark.smoke
+def test_summary_reads_each_runs_artifacts(smoke_run):
+    run_dir, _ = smoke_run
+    t = sweep.summarize({"planted": run_dir})
+    assert list(t["scenario"]) == ["planted"] and t["finding"].iloc[0] == "Cardiomegaly"
+    paired = pd.read_csv(run_dir / "06_per_race" / "paired.csv")
+    r = paired[(paired["a"] == "d3m") & (paired["b"] == "random")].iloc[0]
+    assert t["d3m − random lo"].iloc[0] == pytest.approx(r["lo"])
+    assert t["verdict"].iloc[0] in ("supported", "contradicted", "smaller than delta", "inconclusive")
+    assert "D3M precision: label flip" in t.columns
+    assert not any(c.endswith(" lo") for c in sweep.display_table(t).columns)
+    c = sweep.claim_rate(run_dir, seeds_per_study=1)
+    assert c["studies"] == 1 and c["claimed"] in (0, 1)
+
+
+@pytest.mark.smoke
+def test_power_command(smoke_run, capsys):
+    run_dir, _ = smoke_run
+    assert main(["power", str(run_dir)]) == 0
+    assert "needs at least two seeds" in capsys.readouterr().out   # the smoke run has one seed
+    assert main(["power", str(run_dir), "--effect", "2"]) == 1
+    assert "--effect 2.0" in capsys.readouterr().err
+
+
+def test_sweep_refuses_unknown_scenarios(tmp_path):
+    with pytest.raises(ValueError, match="unknown scenario"):
+        sweep.run_sweep("params/smoke.yaml", ["nul"], tmp_path)
