@@ -344,6 +344,15 @@ def finalize_table(df: pd.DataFrame) -> pd.DataFrame:
 
 # -- the MIMIC cohort -------------------------------------------------------------
 
+def mimic_input_files(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path) -> list[Path]:
+    """The five CSV files ``build_mimic_cohort`` reads (those that exist)."""
+    cxr, hosp = Path(mimic_cxr_dir), Path(mimic_iv_dir) / "hosp"
+    out = []
+    for folder, name in ((cxr, METADATA), (cxr, CHEXPERT), (cxr, SPLIT), (hosp, ADMISSIONS), (hosp, PATIENTS)):
+        out += [f for f in (folder / f"{name}.gz", folder / name) if f.is_file()]
+    return out
+
+
 def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
                        uncertain_labels: str = "negative", race_rule: str = "mode_recent",
                        missing_race: str = "unknown", check_images: bool = True,

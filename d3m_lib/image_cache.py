@@ -11,9 +11,16 @@ Files in ``cache_dir`` for an image size ``px``:
   from the cohort table (which keeps each image's cache ``row``, so the cache is
   decoded once and never rewritten), and ``open_cache(rows=...)`` refuses a
   table that still refers to one of them;
+- ``stat_<px>.npy``: int64 (N, 2), each file's size and modification time (ns)
+  when the build that decoded it began (-1 for an absent file);
 - ``meta_<px>.json``: N, size, SHA-256 of the path list, ``complete``. A cache
   whose path list differs from the one asked for is rebuilt (with a printed
   message), never reused.
+
+Every build of a cache with the same path list decodes again the rows that
+failed before (a restored file is read) and the rows whose file's size or
+modification time changed (one ``stat`` per image: about as long as the
+cohort's own check that each file exists), and nothing else.
 
 Decoding: Pillow. For JPEG, ``Image.draft("L", (px, px))`` makes libjpeg decode
 at 1/2, 1/4 or 1/8 scale (DCT scaling, the largest reduction that stays at
@@ -50,7 +57,7 @@ if TYPE_CHECKING:  # annotations only; pandas is imported where it is used
 
 # pandas and tqdm are imported where used: worker processes import only numpy and Pillow.
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: stat_<px>.npy, failed and changed rows decoded again
 
 
 @dataclass
@@ -71,7 +78,21 @@ def cache_files(cache_dir: str | Path, image_size: int) -> dict[str, Path]:
     d = Path(cache_dir)
     px = int(image_size)
     return dict(images=d / f"images_{px}.u8", done=d / f"done_{px}.npy",
-                failed=d / f"failed_{px}.csv", meta=d / f"meta_{px}.json")
+                failed=d / f"failed_{px}.csv", meta=d / f"meta_{px}.json", stat=d / f"stat_{px}.npy")
+
+
+def file_stats(paths: Sequence[str | Path]) -> np.ndarray:
+    """int64 (N, 2): size and modification time (ns) of each file; -1, -1 where it is absent."""
+    import os
+
+    out = np.full((len(paths), 2), -1, dtype=np.int64)
+    for i, p in enumerate(paths):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out[i] = st.st_size, st.st_mtime_ns
+    return out
 
 
 def paths_hash(paths: Sequence[str | Path]) -> str:
@@ -165,9 +186,20 @@ def build_cache(paths: Sequence[str | Path], cache_dir: str | Path, image_size: 
         why = [k for k, v in meta.items() if old.get(k) != v]
         print(f"[image_cache] {f['images'].name} was built for another "
               f"{'path list' if 'paths_sha256' in why else ', '.join(why)}: rebuilding")
+    stats = file_stats(paths)
     if same and f["images"].exists() and f["done"].exists():
         done = np.load(f["done"])
         failed = _read_failed(f["failed"])
+        old_stats = np.load(f["stat"]) if f["stat"].exists() else None
+        retry = np.zeros(n, dtype=bool)
+        retry[[int(r[0]) for r in failed]] = True
+        moved = (done & ~retry & (stats != old_stats).any(axis=1) if old_stats is not None
+                 and old_stats.shape == stats.shape else done & ~retry)
+        if (retry | moved).any():
+            print(f"[image_cache] decoding again: {int(retry.sum())} image(s) that could not be read "
+                  f"before, {int(moved.sum())} whose file changed since it was cached")
+            done &= ~(retry | moved)
+            _save_done(done, f["done"])
     else:
         if f["images"].exists() and old is None:
             print(f"[image_cache] {f['images'].name} has no meta file: rebuilding")
@@ -182,6 +214,9 @@ def build_cache(paths: Sequence[str | Path], cache_dir: str | Path, image_size: 
         _save_done(done, f["done"])
         f["meta"].write_text(json.dumps({**meta, "complete": False}, indent=2))
 
+    tmp = f["stat"].with_name(f["stat"].stem + ".tmp.npy")
+    np.save(tmp, stats)
+    tmp.replace(f["stat"])
     todo = np.flatnonzero(~done)
     reused = len(todo) == 0
     if 0 < len(todo) < n:

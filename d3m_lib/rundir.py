@@ -14,6 +14,14 @@ stages it reads (so it covers every upstream stage transitively) and the version
 of the library code. :meth:`RunDir.require` refuses a stage that is missing,
 unfinished, marked stale, or whose upstream chain has moved on since it ran.
 
+Content: :meth:`Stage.finish` records a hash of every file the stage wrote
+(``files`` and their digest ``content`` in the manifest; :func:`snapshot_files`),
+and stage 01 records its inputs (:meth:`Stage.record_inputs`: the CSV files'
+hashes, the image list with sizes and modification times). A stage also records
+the ``content`` of each stage it read (``upstream_content``). ``require``,
+``status`` and the book refuse a stage whose files, inputs or upstream content
+changed since, naming the file; running the stage again recomputes it.
+
 Nothing is destroyed by surprise: a stage asked to run with *parameters* other
 than the ones its folder was made with is written into a new run folder (a
 *fork*, :func:`open_stage`) that links the unchanged upstream stages, unless
@@ -41,6 +49,15 @@ RUN_DEPENDENT = ("seconds", "featurize_s", "total_s", "resumed")   # columns no 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 LOCK_ENV = "D3M_RUN_LOCK"      # set by the runner for the kernels it starts: they share its lock
+INPUTS_FILE = "inputs.parquet"  # stage 01: the image list with sizes and modification times
+# Files larger than this are fingerprinted by size and modification time only, not hashed:
+# at MIMIC's size the image cache is ~19 GB (377k x 224 x 224 bytes), which SHA-256 reads in
+# ~15-50 s on one core; a checkpoint (ResNet-50, ~94 MB) stays below and is hashed.
+HASH_LIMIT = 256 * 2 ** 20
+_NOT_ARTIFACTS = (MANIFEST, LOCK_FILE)   # files of a stage folder that are not what it computed
+# What a stage recomputed because its inputs changed keeps (it checks them itself): the image
+# cache re-decodes the rows whose files changed, and only those (image_cache.build_cache).
+KEEP_ON_NEW_INPUTS = {"01_cohort": ("image_cache",)}
 
 
 @dataclass(frozen=True)
@@ -131,8 +148,124 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
+# -- content fingerprints ------------------------------------------------------------------
+def file_sha256(path: Path, chunk: int = 2 ** 20) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """``size``, ``mtime_ns`` and ``sha256`` (``None`` above :data:`HASH_LIMIT`) of one file."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": file_sha256(path) if st.st_size <= HASH_LIMIT else None}
+
+
+def _artifact_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.name not in _NOT_ARTIFACTS
+                  and not f.name.endswith(".tmp"))
+
+
+def snapshot_files(folder: Path) -> dict[str, dict]:
+    """:func:`file_record` of every file under ``folder`` (the manifest aside), by relative path.
+
+    Cost: one read of every file up to :data:`HASH_LIMIT` (SHA-256, about 1 GB/s); larger
+    files cost one ``stat``. At demo size well under a second per stage; at MIMIC's size the
+    checkpoints dominate (e.g. 3 findings x 3 seeds x 15 epochs of ResNet-50, ~13 GB: ~15 s).
+    """
+    return {f.relative_to(folder).as_posix(): file_record(f) for f in _artifact_files(folder)}
+
+
+def content_hash(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """One digest of a stage's files: their paths and hashes (size and mtime where not hashed)."""
+    blob = json.dumps({k: v.get("sha256") or f"{v['size']}:{v['mtime_ns']}" for k, v in files.items()},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_changed(f: Path, rec: Mapping[str, Any], full: bool = False) -> str | None:
+    """``"removed"``, ``"changed"`` or ``None`` (as :func:`file_record` recorded it)."""
+    try:
+        st = f.stat()
+    except OSError:
+        return "removed"
+    same_stat = st.st_size == rec["size"] and st.st_mtime_ns == rec["mtime_ns"]
+    if rec.get("sha256") is None:
+        ok = same_stat
+    elif same_stat and not full:
+        ok = True
+    else:
+        ok = st.st_size == rec["size"] and file_sha256(f) == rec["sha256"]
+    return None if ok else "changed"
+
+
+def changed_files(folder: Path, recorded: Mapping[str, Mapping[str, Any]], full: bool = False) -> list[str]:
+    """Files under ``folder`` that differ from ``recorded`` (:func:`snapshot_files`): each named.
+
+    A file whose size and modification time are as recorded is taken as unchanged unless
+    ``full`` (then every hashed file is read again); one whose modification time moved is
+    hashed again, so a file only touched or copied is not reported.
+    """
+    out = []
+    for rel, rec in recorded.items():
+        what = file_changed(folder / rel, rec, full)
+        if what:
+            out.append(f"{folder / rel} was {what} after the stage wrote it")
+    known = set(recorded)
+    out += [f"{f} was added after the stage finished" for f in _artifact_files(folder)
+            if f.relative_to(folder).as_posix() not in known]
+    return out
+
+
+def image_list_stats(paths) -> "Any":
+    """``path``, ``size``, ``mtime_ns`` of each image (size -1 where the file is absent)."""
+    import pandas as pd
+
+    sizes, mtimes = [], []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            sizes.append(st.st_size)
+            mtimes.append(st.st_mtime_ns)
+        except OSError:
+            sizes.append(-1)
+            mtimes.append(-1)
+    return pd.DataFrame({"path": [str(p) for p in paths], "size": sizes, "mtime_ns": mtimes})
+
+
+def _frame_hash(df) -> str:
+    h = hashlib.sha256()
+    for row in df.itertuples(index=False, name=None):
+        h.update(("\t".join(map(str, row)) + "\n").encode())
+    return h.hexdigest()
+
+
+def _portable(path: Path, run_path: Path) -> str:
+    """Relative to the run folder when inside it (it moves, or is linked into a fork), else absolute."""
+    p, root = Path(path).resolve(), Path(run_path).resolve()
+    return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+
+
+def _located(path: str, run_path: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path(run_path) / p
+
+
 # -- the lock -------------------------------------------------------------------------
 _HELD: dict[str, int] = {}   # lock file -> fd, for locks this process holds
+# Stage 01's image list is stat'ed again at most this often per process (seconds) by the quick
+# check of require(); status, the book and a stage that starts always look again.
+INPUT_CHECK_TTL = 30.0
+_INPUT_CHECKS: dict[tuple, float] = {}
 
 
 @dataclass
@@ -213,6 +346,7 @@ class Stage:
     upstream: dict = field(default_factory=dict)
     fingerprint: str = ""
     lock: Lock | None = None
+    inputs: dict | None = None     # stage 01: what it read from outside the run (record_inputs)
 
     @property
     def dir(self) -> Path:
@@ -256,10 +390,36 @@ class Stage:
         """The parameters this stage reads, with their values in this run (shown atop each notebook)."""
         return self.cfg.table(list(self.cfg.for_stage(self.name, kind=None)))
 
+    def record_inputs(self, files, image_root: Path, images) -> dict:
+        """Record what the stage read from outside the run: ``files`` (hashed) and ``images``.
+
+        ``images``: paths relative to ``image_root``, listed with size and modification
+        time in ``<stage>/inputs.parquet`` (one ``stat`` each: at MIMIC's 377k images about
+        1-2 s on a local disk, minutes on a slow network file system); their digest and
+        each file's hash go into the manifest (``inputs``) at :meth:`finish`.
+        :meth:`RunDir.problems` compares them again.
+        """
+        root = Path(image_root)
+        rel = [str(p) for p in images]
+        lst = image_list_stats([root / p for p in rel])
+        lst["path"] = rel
+        lst.to_parquet(self.path(INPUTS_FILE), index=False)
+        run_path = self.run.path
+        self.inputs = {
+            "files": {_portable(f, run_path): file_record(Path(f)) for f in files},
+            "images": {"root": _portable(root, run_path), "n": len(lst), "list": INPUTS_FILE,
+                       "sha256": _frame_hash(lst)},
+        }
+        return self.inputs
+
     def finish(self, summary: Mapping[str, Any] | None = None) -> None:
-        """Mark the stage complete; later stages may now read it."""
+        """Mark the stage complete, with a hash of every file it wrote; later stages may now read it."""
         manifest = self.run.manifest(self.name) or {}
-        manifest.update(complete=True, finished_at=_now(), summary=dict(summary or {}))
+        files = snapshot_files(self.dir)
+        manifest.update(complete=True, finished_at=_now(), summary=dict(summary or {}),
+                        files=files, content=content_hash(files))
+        if self.inputs is not None:
+            manifest["inputs"] = self.inputs
         self.run._write_manifest(self.name, manifest)
         if self.lock is not None:
             self.lock.release()
@@ -339,23 +499,81 @@ class RunDir:
     def _write_manifest(self, name: str, manifest: Mapping[str, Any]) -> None:
         _write_json(self.stage_dir(name) / MANIFEST, manifest)
 
-    def problems(self, name: str, _seen: set | None = None) -> list[str]:
-        """Why ``name`` may not be read (empty when it may): missing, unfinished, stale."""
+    def changed_files(self, name: str, full: bool = False) -> list[str]:
+        """Files of a finished stage that differ from the hashes its manifest recorded, each named."""
+        m = self.manifest(name) or {}
+        if "files" not in m:      # made before content fingerprints: nothing to compare
+            return []
+        return changed_files(self.stage_dir(name), m["files"], full=full)
+
+    def changed_inputs(self, name: str, full: bool = False) -> list[str]:
+        """What changed in the inputs a stage recorded (stage 01: CSV files and images), each named."""
+        rec = (self.manifest(name) or {}).get("inputs")
+        if not rec:
+            return []
+        out = []
+        for f, r in rec.get("files", {}).items():
+            what = file_changed(_located(f, self.path), r, full)
+            if what:
+                out.append(f"input {_located(f, self.path)} was {what} since stage {name} read it")
+        img = rec.get("images")
+        if img:
+            key = (str(self.path), name, img["sha256"])
+            if full or _INPUT_CHECKS.get(key, 0.0) < time.monotonic() - INPUT_CHECK_TTL:
+                root = _located(img["root"], self.path)
+                lst_file = self.stage_dir(name) / img["list"]
+                try:
+                    import pandas as pd
+                    old = pd.read_parquet(lst_file)
+                except (OSError, ValueError) as exc:
+                    return out + [f"{lst_file} cannot be read ({exc})"]
+                now = image_list_stats([root / p for p in old["path"]])
+                now["path"] = old["path"].to_numpy()
+                if _frame_hash(now) != img["sha256"]:
+                    diff = (now["size"].to_numpy() != old["size"].to_numpy()) | \
+                           (now["mtime_ns"].to_numpy() != old["mtime_ns"].to_numpy())
+                    where = [f"{root / p} ({'removed' if sz < 0 else 'changed'})" for p, sz in
+                             zip(now["path"][diff], now["size"][diff])]
+                    out.append(f"{int(diff.sum()):,} input image(s) changed since stage {name} read them: "
+                               + ", ".join(where[:3]) + (", ..." if len(where) > 3 else ""))
+                    _INPUT_CHECKS.pop(key, None)
+                else:
+                    _INPUT_CHECKS[key] = time.monotonic()
+        return out
+
+    def problems(self, name: str, full: bool = False, _seen: dict | None = None) -> list[str]:
+        """Why ``name`` may not be read (empty when it may): missing, unfinished, stale, changed.
+
+        Changed: a file the stage wrote, an input it read (stage 01) or the content of a stage it
+        read is not what it was. ``full`` reads every hashed file again (the book and ``status``);
+        otherwise a file with its recorded size and modification time is taken as unchanged.
+        """
+        seen = {} if _seen is None else _seen
+        if name in seen:
+            return seen[name]
         m = self.manifest(name)
         if m is None:
-            return [f"stage {name} has not been run in {self.path}"]
-        if not m.get("complete"):
-            return [f"stage {name} in {self.path} did not finish"]
-        if m.get("stale"):
-            return [f"stage {name} is stale: {m['stale']}"]
-        out = []
-        for up, fp in m.get("upstream", {}).items():
-            um = self.manifest(up)
-            if um is None or um.get("fingerprint") != fp:
-                out.append(f"stage {name} was computed from an earlier version of stage {up} "
-                           f"(re-run since, or removed)")
-            else:
-                out += [f"{p} (read by {name})" for p in self.problems(up)]
+            out = [f"stage {name} has not been run in {self.path}"]
+        elif not m.get("complete"):
+            out = [f"stage {name} in {self.path} did not finish"]
+        elif m.get("stale"):
+            out = [f"stage {name} is stale: {m['stale']}"]
+        else:
+            out = [f"stage {name}: {c}" for c in self.changed_files(name, full)]
+            out += [f"stage {name}: {c}" for c in self.changed_inputs(name, full)]
+            for up, fp in m.get("upstream", {}).items():
+                um = self.manifest(up)
+                if um is None or um.get("fingerprint") != fp:
+                    out.append(f"stage {name} was computed from an earlier version of stage {up} "
+                               f"(re-run since, or removed)")
+                elif "upstream_content" in m and m["upstream_content"].get(up) != um.get("content"):
+                    out.append(f"stage {name} was computed from other files of stage {up} "
+                               f"(re-run or changed since)")
+                else:   # the upstream stages' own problems, each said once (not once per path to it)
+                    out += [p.split(" (read by ")[0] + f" (read by {name}, directly or through others)"
+                            for p in self.problems(up, full, seen)]
+        out = list({p.split(" (read by ")[0]: p for p in reversed(out)}.values())[::-1]
+        seen[name] = out
         return out
 
     def require(self, name: str) -> Path:
@@ -366,14 +584,18 @@ class RunDir:
                                      + f". Re-run {name} (and the stages after it).")
         return self.stage_dir(name)
 
-    def state(self, name: str, expected: str | None = None) -> str:
-        """``missing``, ``incomplete``, ``stale``, ``outdated`` (fingerprint differs) or ``current``."""
+    def state(self, name: str, expected: str | None = None, full: bool = False,
+              _seen: dict | None = None) -> str:
+        """``missing``, ``incomplete``, ``stale``, ``outdated`` (fingerprint differs) or ``current``.
+
+        ``stale`` covers a stage whose files, inputs or upstream stages changed (:meth:`problems`).
+        """
         m = self.manifest(name)
         if m is None:
             return "missing"
         if not m.get("complete"):
             return "incomplete"
-        if self.problems(name):
+        if self.problems(name, full, _seen):
             return "stale"
         if expected is not None and m.get("fingerprint") != expected:
             return "outdated"
@@ -451,10 +673,12 @@ class RunDir:
         :func:`open_stage`), so a parameter change never clears a stage.
         """
         spec = stage_spec(name)
-        upstream = {}
+        upstream, upstream_content = {}, {}
         for up in spec.needs:
             self.require(up)
-            upstream[up] = self.manifest(up)["fingerprint"]
+            um = self.manifest(up)
+            upstream[up] = um["fingerprint"]
+            upstream_content[up] = um.get("content")
         params = json.loads(json.dumps(cfg.for_stage(name)))
         code = code_version()
         fp = fingerprint(params, upstream, code)
@@ -468,14 +692,27 @@ class RunDir:
                   + ("the library code changed since it ran" if old.get("code") != code
                      else "an upstream stage changed since it ran"))
             shutil.rmtree(d)
+        elif old is not None and old.get("upstream_content", upstream_content) != upstream_content:
+            print(f"[{name}] recomputing in {d}: the files of an upstream stage changed since it ran")
+            shutil.rmtree(d)
+        elif old is not None and old.get("complete") and any(
+                changed := (self.changed_files(name), self.changed_inputs(name, full=True))):
+            own, inputs = changed
+            print(f"[{name}] recomputing in {d}: " + "; ".join((own + inputs)[:3]))
+            keep = {} if own else {k for k in KEEP_ON_NEW_INPUTS.get(name, ()) if (d / k).exists()}
+            for child in list(d.iterdir()):
+                if child.name not in keep:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            old = None
         elif old is None and d.exists() and any(d.iterdir()):
             raise ConfigError(f"{d} holds files but no {MANIFEST}: not made by this library, or copied "
                               f"by hand; move them away before running stage {name} here")
         d.mkdir(parents=True, exist_ok=True)
         _own_files(d)
-        resumed = old is not None and old.get("fingerprint") == fp
+        resumed = old is not None and old.get("fingerprint") == fp and d.exists()
         self._write_manifest(name, {
-            "stage": name, "fingerprint": fp, "params": params, "upstream": upstream, "code": code,
+            "stage": name, "fingerprint": fp, "params": params, "upstream": upstream,
+            "upstream_content": upstream_content, "code": code,
             "complete": False, "started_at": _now(), "resumed": resumed,
             "steps": (old or {}).get("steps", {}) if resumed else {},
         })

@@ -136,3 +136,29 @@ def test_open_cache_rows_checked(tmp_path):
         open_cache(tmp_path / "cache", 4, rows=[0, 3])
     with pytest.raises(RuntimeError, match=r"holds 3 images, expected 2$"):
         open_cache(tmp_path / "cache", 4, expected_n=2)
+
+
+def test_failed_rows_are_decoded_again_and_a_restored_file_fixes_the_cache(tmp_path, capsys):
+    """Issue 23: following "restore these files" works; a changed file is decoded again."""
+    paths = constant_pngs(tmp_path / "img", [10, 20, 30, 40])
+    good = paths[1].read_bytes()
+    paths[1].write_bytes(b"\xff\xd8\xff not really a jpeg")
+    paths[3].unlink()
+    rep = build_cache(paths, tmp_path / "cache", 4, workers=1, progress=False)
+    assert rep.failed["index"].tolist() == [1, 3]
+    again = build_cache(paths, tmp_path / "cache", 4, workers=1, progress=False)
+    assert again.n_decoded == 2 and again.n_failed == 2 and not again.reused   # tried again, still broken
+    assert "2 image(s) that could not be read before" in capsys.readouterr().out
+    paths[1].write_bytes(good)                                                  # restored, byte for byte
+    Image.fromarray(np.full((30, 40), 40, np.uint8)).save(paths[3])            # and the absent one
+    rep = build_cache(paths, tmp_path / "cache", 4, workers=1, progress=False)
+    assert rep.n_failed == 0 and rep.n_decoded == 2
+    assert pd.read_csv(cache_files(tmp_path / "cache", 4)["failed"]).empty
+    mm = open_cache(tmp_path / "cache", 4, rows=[0, 1, 2, 3])
+    assert [int(mm[i].max()) for i in range(4)] == [10, 20, 30, 40]
+    # a file replaced by another image (new size or time) is decoded again; the others are not
+    Image.fromarray(np.full((30, 40), 99, np.uint8)).save(paths[2])
+    rep = build_cache(paths, tmp_path / "cache", 4, workers=1, progress=False)
+    assert rep.n_decoded == 1 and "1 whose file changed" in capsys.readouterr().out
+    assert int(open_cache(tmp_path / "cache", 4)[2].max()) == 99
+    assert build_cache(paths, tmp_path / "cache", 4, workers=1, progress=False).reused

@@ -252,3 +252,85 @@ def test_step_log_lives_in_the_manifest_and_survives_a_resume_only(tmp_path, mon
     monkeypatch.setattr(rundir, "code_version", lambda: "new-code")
     fresh = open_stage("01_cohort", run_dir)                     # recomputed: the record starts empty
     assert RunDir(run_dir).manifest("01_cohort")["steps"] == {} and not fresh.steps("x").done("anchor")
+
+
+def test_an_edited_artifact_is_refused_naming_the_file(tmp_path):
+    """Issue 23: a finished stage's files are hashed; an edit is named by require, a touch is not."""
+    run_dir = tmp_path / "run"
+    finish_all(run_dir)
+    run = RunDir(run_dir)
+    m = run.manifest("06_per_race")
+    assert set(m["files"]) == {"out.txt"} and m["files"]["out.txt"]["sha256"] and m["content"]
+    assert run.manifest("07_error_analysis")["upstream_content"]["05_d3m"] == run.manifest("05_d3m")["content"]
+    f = run_dir / "06_per_race" / "out.txt"
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))            # touched, same bytes: still current
+    assert run.problems("06_per_race") == [] and run.problems("06_per_race", full=True) == []
+    f.write_text("Pleural Effusion,d3m,0.40,0.30,0.50")
+    with pytest.raises(StaleArtifactError, match=r"06_per_race/out.txt was changed after the stage wrote it"):
+        run.require("06_per_race")
+    assert run.state("06_per_race") == "stale" and run.state("05_d3m") == "current"
+    # an upstream edit reaches every stage that read it; a removed or an added file is named too
+    (run_dir / "03_baseline" / "out.txt").unlink()
+    with pytest.raises(StaleArtifactError, match=r"03_baseline/out.txt was removed.*read by 07_error_analysis"):
+        run.require("07_error_analysis")
+    (run_dir / "02_scan" / "extra.csv").write_text("x")
+    assert any("02_scan/extra.csv was added" in p for p in run.problems("03_baseline"))
+
+
+def test_same_size_same_mtime_edit_is_found_by_the_full_check(tmp_path):
+    run_dir = tmp_path / "run"
+    finish_all(run_dir, upto="01_cohort")
+    f = run_dir / "01_cohort" / "out.txt"
+    st = f.stat()
+    f.write_text("01_cohorX")                                            # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))                     # and the old mtime
+    run = RunDir(run_dir)
+    assert run.problems("01_cohort") == []                               # the quick check trusts stat
+    assert "01_cohort/out.txt was changed" in run.problems("01_cohort", full=True)[0]
+
+
+def test_rerunning_a_stage_whose_files_changed_recomputes_it_and_its_readers(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    finish_all(run_dir, upto="03_baseline")
+    run = RunDir(run_dir)
+    (run_dir / "02_scan" / "out.txt").write_text("edited")
+    st = open_stage("02_scan", run_dir)
+    assert "recomputing" in capsys.readouterr().out and not (run_dir / "02_scan" / "out.txt").exists()
+    st.path("out.txt").write_text("02_scan, other bytes")
+    st.finish()
+    with pytest.raises(StaleArtifactError, match="03_baseline was computed from other files of stage 02_scan"):
+        run.require("03_baseline")
+    st = open_stage("03_baseline", run_dir)                               # same fingerprint, new upstream content
+    assert "files of an upstream stage changed" in capsys.readouterr().out
+    assert not (run_dir / "03_baseline" / "out.txt").exists()
+    st.finish()
+    assert run.require("03_baseline")
+
+
+def test_stage_inputs_are_recorded_and_a_change_is_named(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    csv = data / "labels.csv"
+    csv.write_text("a,b\n1,2\n")
+    for i in range(3):
+        (data / "img" / f"{i}.jpg").write_bytes(b"x" * (i + 1))
+    run_dir = tmp_path / "run"
+    st = open_stage("01_cohort", run_dir)
+    rec = st.record_inputs([csv], data, [f"img/{i}.jpg" for i in range(3)])
+    st.path("image_cache", "images_16.u8").write_bytes(b"\0")
+    st.finish({"data": {"dataset": "mimic", "synthetic": True}})
+    assert rec["images"]["n"] == 3 and str(csv) in rec["files"]
+    run = RunDir(run_dir)
+    assert run.problems("01_cohort", full=True) == []
+    csv.write_text("a,b\n1,3\n")
+    (data / "img" / "1.jpg").unlink()
+    probs = run.problems("01_cohort", full=True)
+    assert f"input {csv} was changed since stage 01_cohort read it" in probs[0]
+    assert "1 input image(s) changed" in probs[1] and "img/1.jpg (removed)" in probs[1]
+    monkeypatch.setattr(rundir, "INPUT_CHECK_TTL", 0.0)
+    with pytest.raises(StaleArtifactError, match="labels.csv was changed"):
+        run.require("01_cohort")
+    # running the stage again recomputes it, keeping only its image cache (which checks its rows itself)
+    again = open_stage("01_cohort", run_dir)
+    assert sorted(p.name for p in again.dir.iterdir()) == ["image_cache", "manifest.json"]
+    assert not again.run.manifest("01_cohort")["resumed"]

@@ -28,6 +28,15 @@ stage.finish({summary})
 """
 
 
+TOY_BODY = {
+    # stage 01 reads an input file when the test names one
+    "01_cohort": "import os\nfrom pathlib import Path\nif os.environ.get('TOY_INPUT'):\n"
+                 "    stage.record_inputs([os.environ['TOY_INPUT']], Path(os.environ['TOY_INPUT']).parent, [])",
+    "06_per_race": "stage.path('wga_change.csv').write_text("
+                   "'finding,method,change,lo,hi\\nPleural Effusion,d3m,0.052,-0.01,0.11\\n')",
+}
+
+
 @pytest.fixture
 def toy_notebooks(tmp_path, make_notebook):
     """One tiny notebook per stage, each listing the parameters its stage owns."""
@@ -38,6 +47,7 @@ def toy_notebooks(tmp_path, make_notebook):
         summary = '{"data": {"dataset": stage.cfg.dataset, "synthetic": stage.cfg.synthetic}}' \
             if name == "01_cohort" else "{}"
         body = "raise RuntimeError('stage 02 broke')" if name == "02_scan" and os.environ.get("TOY_FAIL") else ""
+        body = TOY_BODY.get(name, body)
         make_notebook(nbs / spec.notebook, params, TOY_CELL.format(name=name, body=body, summary=summary))
     return nbs
 
@@ -242,3 +252,45 @@ def test_credentialed_run_fails_when_a_notebook_shows_identifiers(tmp_path, toy_
     with pytest.raises(RunnerError, match=r"(?s)may not publish \(1 found\).*06_per_race.ipynb.*02aa804e"):
         privacy_scan(r, cfg)
     assert privacy_scan(r, config.resolve({"publish_identifiers": True}))["credentialed"] is True
+
+
+def test_an_edited_artifact_is_refused_by_status_and_book_and_recomputed_by_a_rerun(tmp_path, toy_notebooks,
+                                                                                    capsys):
+    """Issue 23, bad case 1: an edited 06_per_race/wga_change.csv is named, never published as current."""
+    run_dir = run(None, run_dir=tmp_path / "demo", notebooks_dir=toy_notebooks)
+    f = run_dir / "06_per_race" / "wga_change.csv"
+    f.write_text(f.read_text().replace("0.052,-0.01,0.11", "0.40,0.30,0.50"))
+    capsys.readouterr()
+    assert main(["status", str(run_dir)]) == 1
+    out = capsys.readouterr().out
+    assert f"06_per_race: stale (stage 06_per_race: {f} was changed after the stage wrote it)" in out
+    assert "07_error_analysis" not in out                   # 07 does not read 06
+    with pytest.raises(rundir.StaleArtifactError, match="wga_change.csv was changed"):
+        rundir.RunDir(run_dir).require("06_per_race")
+    assert main(["book", str(run_dir), "--notebooks", str(toy_notebooks)]) == 1
+    assert "wga_change.csv was changed after the stage wrote it" in capsys.readouterr().err
+    run(None, run_dir=run_dir, notebooks_dir=toy_notebooks)
+    out = capsys.readouterr().out
+    assert "06_per_race        compute  stage 06_per_race: " in out and out.count("keep     current") == 6
+    assert "0.052" in f.read_text() and main(["status", str(run_dir)]) == 0
+
+
+def test_changed_inputs_recompute_from_stage_01(tmp_path, toy_notebooks, monkeypatch, capsys):
+    """Issue 23, bad case 2: an input changed after stage 01 -> status says so, the rerun recomputes 01."""
+    labels = tmp_path / "data" / "chexpert.csv"
+    labels.parent.mkdir()
+    labels.write_text("study,Edema\n1,1\n2,0\n")
+    monkeypatch.setenv("TOY_INPUT", str(labels))
+    run_dir = run(None, run_dir=tmp_path / "demo", notebooks_dir=toy_notebooks)
+    labels.write_text("study,Edema\n1,1\n")
+    capsys.readouterr()
+    assert main(["status", str(run_dir)]) == 1
+    assert f"01_cohort: stale (stage 01_cohort: input {labels} was changed since stage 01_cohort read it" \
+        in capsys.readouterr().out
+    run(None, run_dir=run_dir, notebooks_dir=toy_notebooks)
+    out = capsys.readouterr().out
+    assert "01_cohort          compute  stage 01_cohort: input" in out
+    assert out.count("  compute  ") == 7 and "(read by 07_error_analysis, directly or through others)" in out
+    assert "recomputing" in (run_dir / "executed" / "01_cohort.ipynb").read_text()
+    assert not rundir.RunDir(run_dir).manifest("01_cohort")["resumed"] and main(["status", str(run_dir)]) == 0
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"

@@ -11,7 +11,7 @@ import pytest
 from d3m_lib import cohort as cohortmod
 from d3m_lib import config, synthetic
 from d3m_lib.constants import FINDINGS
-from d3m_lib.rundir import RunDir, open_stage
+from d3m_lib.rundir import RunDir, StaleArtifactError, open_stage
 from d3m_lib.stages import cohort as stage01
 
 TINY = dict(synthetic_n_patients=150, synthetic_image_size=16, image_size=16, cohort_min_group_n=3,
@@ -99,10 +99,60 @@ def test_unreadable_images_excluded_and_synthetic_dir_outside_the_run(tmp_path):
     assert "unreadable images: 3" in res.terminal
     s = RunDir(run_dir).manifest("01_cohort")["summary"]
     assert s["synthetic_dir"] == str(data.resolve())           # outside the run: absolute
-    # resuming: the same cohort, the cache is not decoded again
+    # resuming: the same cohort; the cache decodes again only the three that failed
     again = stage01.run(open_stage("01_cohort", run_dir))
     pd.testing.assert_frame_equal(again.table, res.table)
-    assert "0 decoded in this run" in again.cache_note
+    assert "3 decoded in this run" in again.cache_note
+
+
+def _external_data(tmp_path):
+    data = tmp_path / "data"
+    synthetic.generate(data, n_jobs=1, progress=False, n_patients=TINY["synthetic_n_patients"],
+                       image_size=TINY["synthetic_image_size"], seed=0)
+    cxr = data / synthetic.CXR_DIR
+    return cxr, dict(mimic_cxr_dir=str(cxr), mimic_iv_dir=str(data / synthetic.IV_DIR))
+
+
+def test_restoring_unreadable_files_as_the_error_says_fixes_the_run(tmp_path):
+    """Issue 23: the image cache decodes failed rows again, so a byte-exact restore is enough."""
+    cxr, where = _external_data(tmp_path)
+    run_dir = tmp_path / "run"
+    first = _run(run_dir, **where)
+    victims = first.table["path"].head(5).tolist()
+    saved = {p: (cxr / p).read_bytes() for p in victims}
+    for p in victims:
+        (cxr / p).write_bytes(b"broken")
+    with pytest.raises(cohortmod.InputError, match="Restore these files"):
+        stage01.run(open_stage("01_cohort", run_dir))
+    for p, b in saved.items():
+        (cxr / p).write_bytes(b)
+    res = stage01.run(open_stage("01_cohort", run_dir))
+    assert res.glue["n_failed_images"] == 0 and set(victims) <= set(res.table["path"])
+    assert RunDir(run_dir).problems("01_cohort", full=True) == []
+
+
+def test_changed_inputs_are_named_and_a_rerun_recomputes_stage_01(tmp_path):
+    """Issue 23: half the CheXpert rows and 20 JPEGs deleted after stage 01 -> refused, then recomputed."""
+    cxr, where = _external_data(tmp_path)
+    run_dir = tmp_path / "run"
+    first = _run(run_dir, **where)
+    run = RunDir(run_dir)
+    assert run.problems("01_cohort", full=True) == []
+    chex = cxr / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    labels = pd.read_csv(chex, dtype=str)
+    labels.iloc[: len(labels) // 2].to_csv(chex, index=False)
+    gone = first.table["path"].tail(20).tolist()
+    for p in gone:
+        (cxr / p).unlink()
+    probs = run.problems("01_cohort", full=True)
+    assert any(f"input {chex} was changed" in p for p in probs)
+    assert any("20 input image(s) changed" in p and "(removed)" in p for p in probs)
+    with pytest.raises(StaleArtifactError, match="chexpert.csv.gz was changed"):
+        run.cohort()
+    res = stage01.run(open_stage("01_cohort", run_dir))                 # the re-run recomputes
+    assert len(res.table) < len(first.table) and not set(gone) & set(res.table["path"])
+    assert run.problems("01_cohort", full=True) == [] and len(run.cohort()) == len(res.table)
+    assert run.images(run.cohort()["row"]).shape[0] >= len(res.table)
 
 
 def test_missing_inputs_are_refused_before_any_work(tmp_path):
