@@ -357,6 +357,26 @@ class MethodComparison:
                                  n_pairs=d["n_seeds"]))
         return pd.DataFrame(recs)
 
+    def error_rates(self, finding: str, group: str, baseline: str = "erm", split: str = "test",
+                    methods: list[str] | None = None) -> pd.DataFrame:
+        """False positive and false negative rate of one group per arm, and each arm's paired change against
+        ``baseline`` (intervals of the mean over seeds). Shows *how* an arm moved a group's accuracy.
+
+        Columns: finding, group, method, metric, value, lo, hi, change, change_lo, change_hi.
+        """
+        recs = []
+        methods = [m for m in (methods or self.methods(finding)) if m != "base"]
+        for metric in ("fpr", "fnr"):
+            pg = self.per_group(finding, split, metric, methods).set_index(["method", "group"])
+            for m in methods:
+                v = pg.loc[(m, group)]
+                ch = (dict(change=0.0, change_lo=0.0, change_hi=0.0) if m == baseline else
+                      self.change(finding, m, baseline, split, metric).set_index("group").loc[group]
+                      [["change", "change_lo", "change_hi"]].to_dict())
+                recs.append(dict(finding=finding, group=group, method=m, metric=metric, value=v["value"],
+                                 lo=v["lo"], hi=v["hi"], **ch))
+        return pd.DataFrame(recs)
+
     def underdiagnosis(self, split: str = "test", finding: str = "No Finding",
                        methods: list[str] | None = None) -> pd.DataFrame:
         """False positive rate of "No Finding" per race and method.

@@ -140,3 +140,15 @@ def test_primary_contrast_verdict_holm_and_seed_values(result):
     m = json.loads(stage.path("manifest.json").read_text())["summary"]
     assert m["verdict"] in ("supported", "contradicted", "smaller than delta", "inconclusive")
     assert stage.path("paired_seeds.csv").is_file()
+
+
+def test_worst_group_error_rates(result):
+    _, res = result
+    e = res.error_rates
+    assert set(e["metric"]) == {"fpr", "fnr"} and e["group"].nunique() == 1
+    oracle = e[e["method"] == "oracle"]   # the perfect arm makes no error
+    assert (oracle["value"] == 0).all() and (oracle["change"] <= 0).all()
+    erm = e[e["method"] == "erm"]
+    assert (erm["change"] == 0).all()
+    d = compare.error_rates_display(res)
+    assert len(d) == len(e) and (d.loc[d["arm"] == "ERM", "change vs ERM [CI]"] == "–").all()

@@ -62,6 +62,7 @@ class Result:
     leaders: pd.DataFrame               # per finding: the arm with the highest WGA vs every other arm, paired
     seed_diffs: pd.DataFrame            # finding, a, b, seed, diff: each seed's paired difference
     power: power.Power | None           # the primary contrast's variance components and MDE
+    error_rates: pd.DataFrame | None = None  # ERM's worst group of the primary finding: FPR, FNR per arm, change
     verdict: str = ""                   # the study's answer: the primary contrast's reading, one sentence
     sentences: dict[str, list[str]] = field(default_factory=dict)
     quotes: dict[str, str] = field(default_factory=dict)     # text the book pages quote (primary finding)
@@ -233,6 +234,19 @@ def power_display(res: Result, effect: float) -> pd.DataFrame:
         f"MDE at {int(t['seeds'].iloc[0])} seeds": [f"{v:.3f}" for v in t["mde_at_run_seeds"]]})
 
 
+def error_rates_display(res: Result) -> pd.DataFrame:
+    """ERM's worst group of the primary finding: each arm's FPR and FNR with its change against ERM."""
+    e = res.error_rates
+    out = pd.DataFrame({"arm": [_methods.label(m) for m in e["method"]], "metric": e["metric"].str.upper(),
+                        "value [CI]": [conclusions.interval_text(v, lo, hi) for v, lo, hi in
+                                       zip(e["value"], e["lo"], e["hi"])],
+                        "change vs ERM [CI]": ["–" if m == BASELINE else
+                                               conclusions.interval_text(c, lo, hi, signed=True)
+                                               for m, c, lo, hi in zip(e["method"], e["change"], e["change_lo"],
+                                                                       e["change_hi"])]})
+    return out
+
+
 def headline_seeds(res: Result) -> pd.DataFrame:
     """Each seed's paired change against ERM, in :attr:`Result.wga_change`'s layout (dots of the headline)."""
     d = res.seed_diffs[res.seed_diffs["b"] == BASELINE]
@@ -284,13 +298,16 @@ def run(stage, progress: bool = False) -> Result:
         wga_change=mc.wga_change(), paired=paired, recovery=_recovery(mc, arms),
         forest=pd.concat(forest, ignore_index=True), auroc=pd.concat(auroc, ignore_index=True),
         underdiagnosis=mc.underdiagnosis() if NO_FINDING in findings else None, leaders=_leaders(mc, wga),
-        seed_diffs=mc.seed_differences(seed_pairs), power=pw, verdict=verdict)
+        seed_diffs=mc.seed_differences(seed_pairs), power=pw, verdict=verdict,
+        error_rates=mc.error_rates(findings[0], str(wga.set_index(["finding", "method"]).loc[
+            (findings[0], BASELINE), "worst_group"])))
     res.sentences = {"paired": conclusions.paired_sentences(res.paired, ci_level=cfg.ci_level),
                      "recovery": conclusions.recovery_sentences(res.recovery, ceiling_arm(), BASELINE)}
     res.quotes, res.numbers = _quotes(res, cfg.ci_level, _synthetic(rd))
     for name, t in (("worst_group", wga), ("wga_change", res.wga_change), ("paired", res.paired),
                     ("recovery", res.recovery), ("forest", res.forest), ("auroc", res.auroc),
                     ("underdiagnosis", res.underdiagnosis), ("paired_seeds", res.seed_diffs),
+                    ("error_rates", res.error_rates),
                     ("power", power_table(res, cfg.smallest_effect))):
         if t is not None:
             t.to_csv(stage.path(f"{name}.csv"), index=False)
