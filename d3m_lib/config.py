@@ -203,7 +203,8 @@ PARAMS: tuple[Param, ...] = (
     P("ray_address", None, "Ray cluster of the ray grid backend and of trak_ray_workers (null: a local Ray; "
       "'auto': the running cluster; 'ray://head:10001')", (S03, S04, S05), kind="view", nullable=True),
     P("seeds", [0, 1, 2], "one baseline (and one retraining per method) per seed", (S03, S04, S05),
-      type="int_list", check=_unique_nonempty),
+      type="int_list", check=lambda v: ("every seed must be >= 0 (numpy and torch seeds are non-negative)"
+                                        if v is not None and any(x < 0 for x in v) else _unique_nonempty(v))),
     P("epochs_anchor", 5, "epochs of the first training call (the base model D3M starts from)",
       (S03, S04, S05), type="int", check=_range(1)),
     P("anchor_anneal", True, "the anchor call warms up and decays its learning rate to 0 within epochs "
@@ -520,6 +521,8 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         name = name.strip()
         if not sep or not name:
             raise ConfigError(f"-p expects name=value, got {item!r}")
+        if name in out:   # the last would win silently
+            raise ConfigError(f"-p {name} is given twice ({name}={out[name]!r} and {item!r}); give it once")
         try:
             out[name] = yaml.safe_load(value)
         except yaml.YAMLError as exc:

@@ -25,6 +25,7 @@ def test_each_parameter_is_listed_by_exactly_one_owning_notebook():
 @pytest.mark.parametrize("values, message", [
     ({"seeds": "abc"}, "'seeds' = 'abc': must be a list of integers"),
     ({"seeds": [0, 0]}, "without repeats"),
+    ({"seeds": [-1]}, "'seeds' = \\[-1\\]: every seed must be >= 0"),
     ({"synthetic_split": [0.5, 0.5]}, "three positive shares"),
     ({"synthetic_split": [0.5, 0.3, 0.3]}, "sum to 1"),
     ({"primary_contrast": ["d3m", "d3m"]}, "two different arms"),
@@ -122,3 +123,9 @@ def test_diff_and_for_stage():
     assert b.diff(a) == {"d3m_beta": (1.0, 2.0), "publish_images": (False, True)}
     assert "d3m_beta" in b.for_stage("05_d3m") and "publish_images" not in b.for_stage("06_per_race")
     assert "publish_images" in b.for_stage("06_per_race", kind=None)
+
+
+def test_a_parameter_given_twice_with_p_is_refused():
+    """Issue 23: a repeated -p NAME=... was silently the last one."""
+    with pytest.raises(ConfigError, match=r"-p lr is given twice \(lr=0.1 and 'lr=0.2'\); give it once"):
+        config.parse_overrides(["lr=0.1", "seeds=[0]", "lr=0.2"])

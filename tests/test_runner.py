@@ -64,6 +64,7 @@ def test_parse_overrides_reads_yaml_values():
 
 
 BAD = [("seeds=abc", "'seeds' = 'abc': must be a list of integers"),
+       ("seeds=[-1]", "every seed must be >= 0"),
        ("d3m_selection=k_lowest", "'d3m_k' must be set when d3m_selection is 'k_lowest'"),
        ("methods=[randm]", "unknown method\\(s\\) 'randm' \\(did you mean 'random'\\?\\)"),
        ("findings=[Cardiomegally]", "did you mean 'Cardiomegaly'"),
@@ -97,6 +98,13 @@ def _empty_yaml(tmp_path: Path) -> str:
     f = tmp_path / "empty.yaml"
     f.write_text("# the defaults\n")
     return str(f)
+
+
+def test_a_parameter_given_twice_on_the_command_line_is_refused(tmp_path, capsys):
+    code = main(["run", _empty_yaml(tmp_path), "--run-dir", str(tmp_path / "r"), "-p", "seeds=[0]",
+                 "-p", "seeds=[1]"])
+    assert code == 1 and "-p seeds is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_parameter_given_twice_in_a_file_is_refused(tmp_path, toy_notebooks):
