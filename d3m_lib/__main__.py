@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             if "null_claim_rate" in record:
                 c = record["null_claim_rate"]
                 print(f"null: primary contrast claimed in {c['claimed']} of {c['studies']} sub-studies of "
-                      f"{c['seeds_per_study']} seeds")
+                      f"{c['seeds_per_study']} seeds ({c['disjoint_claimed']} of {c['disjoint_studies']} disjoint "
+                      "ones)")
         elif args.command == "demo-data":
             try:
                 synthetic.main(args)

@@ -55,13 +55,17 @@ def _claimed_vs_erm(paired: pd.DataFrame, alpha: float) -> list[str]:
     return out
 
 
-def claim_rate(run_dir, seeds_per_study: int = 3) -> dict:
-    """Share of disjoint sub-studies of ``seeds_per_study`` seeds whose primary contrast is claimed.
+def claim_rate(run_dir, seeds_per_study: int = 3, max_studies: int = 120) -> dict:
+    """Share of sub-studies of ``seeds_per_study`` seeds whose primary contrast is claimed.
 
-    The run's seeds are cut, in order, into ``len(seeds) // seeds_per_study`` disjoint groups; each
-    group is analysed as its own study (the run's bootstrap settings, two-level interval of the
-    mean over that group's seeds). A claim is an interval that excludes 0, in either direction.
+    The sub-studies are every combination of the run's seeds of that size (at most ``max_studies``,
+    taken in order); each is analysed as its own study (the run's bootstrap settings, two-level interval
+    of the mean over its seeds). A claim is an interval that excludes 0, in either direction. The
+    sub-studies share seeds, so they are not independent: ``disjoint`` also counts the claims of the
+    disjoint ones (seeds cut in order).
     """
+    from itertools import combinations
+
     from .analysis import MethodComparison
     from .rundir import RunDir
 
@@ -69,19 +73,21 @@ def claim_rate(run_dir, seeds_per_study: int = 3) -> dict:
     cfg = rd.config()
     pred = pd.read_parquet(rd.require("05_d3m") / "predictions.parquet")
     cohort = rd.cohort(columns=["row", "group", "split", "subject_id"])
-    seeds = sorted(pred["seed"].unique())
-    k = len(seeds) // seeds_per_study
+    seeds = sorted(int(s) for s in pred["seed"].unique())
     a, b = cfg.primary_contrast
-    claims, diffs = [], []
-    for i in range(k):
-        sub = seeds[i * seeds_per_study:(i + 1) * seeds_per_study]
+    subs = list(combinations(seeds, seeds_per_study))[:max_studies]
+    disjoint = {tuple(seeds[i:i + seeds_per_study]) for i in range(0, len(seeds) - seeds_per_study + 1,
+                                                                    seeds_per_study)}
+    claims = {}
+    for sub in subs:
         mc = MethodComparison(pred[pred["seed"].isin(sub)], None, cohort, n_boot=cfg.n_boot,
                               ci_level=cfg.ci_level, seed=cfg.stats_seed, min_group_n=cfg.min_group_n)
         d = mc.engine(mc.findings[0], "test").paired_worst_ci(a, b)
-        claims.append(bool(d["lo"] > 0 or d["hi"] < 0))
-        diffs.append(d["value"])
-    return dict(studies=k, seeds_per_study=seeds_per_study, claimed=int(sum(claims)),
-                rate=(sum(claims) / k) if k else float("nan"), diffs=diffs)
+        claims[sub] = bool(d["lo"] > 0 or d["hi"] < 0)
+    n = len(claims)
+    return dict(studies=n, seeds_per_study=seeds_per_study, claimed=int(sum(claims.values())),
+                rate=(sum(claims.values()) / n) if n else float("nan"),
+                disjoint_studies=len(disjoint), disjoint_claimed=int(sum(claims[d] for d in disjoint if d in claims)))
 
 
 def summarize(run_dirs: dict[str, Path]) -> pd.DataFrame:
