@@ -76,6 +76,7 @@ class CohortResult:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     diagnostics: dict = field(default_factory=dict)
+    dims: pd.DataFrame | None = None   # image_id, Rows, Columns from the metadata (MIMIC), for exclude_bad_sizes
 
 
 # -- reading files ------------------------------------------------------------
@@ -293,6 +294,11 @@ class Flow:
         return pd.concat(ex, ignore_index=True)[EXCLUSION_COLUMNS].astype(str)
 
 
+# Every ViewPosition MIMIC-CXR-JPG holds (and NIH's PA/AP); anything else is counted and warned about.
+KNOWN_VIEWS = ("PA", "AP", "LATERAL", "LL", "AP AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD", "LAO",
+               "RAO", "LPO", "RPO", "SWIMMERS", "XTABLE LATERAL", "LATERAL DECUBITUS")
+
+
 def frontal_views(df: pd.DataFrame, col: str, fname: str, src_col: str) -> tuple[str, str]:
     """Upper-case view codes in ``df[col]`` in place; the frontal step's reason and a note.
 
@@ -304,12 +310,20 @@ def frontal_views(df: pd.DataFrame, col: str, fname: str, src_col: str) -> tuple
     recased = int((up.isin(FRONTAL_VIEWS) & (v != up)).fillna(False).sum())
     df[col] = up.astype(object).where(up.notna(), None)
     reason = f"{src_col} not PA or AP (lateral, other or blank)"
-    note = ""
+    notes = []
     if recased:
         reason += f"; {recased:,} written in another case (e.g. 'pa', 'ap') accepted as PA/AP"
-        note = (f"{fname}: {recased:,} {src_col} value(s) written in another case than PA/AP "
-                f"(e.g. 'pa', 'ap') were accepted as frontal views")
-    return reason, note
+        notes.append(f"{fname}: {recased:,} {src_col} value(s) written in another case than PA/AP "
+                     f"(e.g. 'pa', 'ap') were accepted as frontal views")
+    unknown = v[up.notna() & (v != "") & ~up.isin(KNOWN_VIEWS)]
+    if len(unknown):
+        top = unknown.value_counts().head(5)
+        said = ", ".join(f"{k!r} {int(n):,}" for k, n in top.items())
+        reason += f"; {len(unknown):,} with a value no MIMIC/NIH view has ({said})"
+        notes.append(f"WARNING: {fname}: {len(unknown):,} {src_col} value(s) are no known view ({said}"
+                     f"{', ...' if unknown.nunique() > 5 else ''}); they were dropped as not PA/AP. If they "
+                     f"are frontal images written another way, correct the file")
+    return reason, "\n".join(notes)
 
 
 def check_splits(table: pd.DataFrame, where: str, why=None) -> None:
@@ -440,11 +454,16 @@ def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
                "whole ages 0-120 as in MIMIC-IV")
 
     df = meta.rename(columns={"dicom_id": "image_id", "ViewPosition": "view"})
+    dims = None
+    if {"Rows", "Columns"} <= set(meta.columns):
+        dims = pd.DataFrame({"image_id": meta["dicom_id"], "Rows": pd.to_numeric(meta["Rows"], errors="coerce"),
+                             "Columns": pd.to_numeric(meta["Columns"], errors="coerce")})
     df = df[["image_id", "subject_id", "study_id", "view"]]
     flow = Flow(df, "metadata", f"all images in {f_meta.name}", hint=f" ({f_meta})")
 
     view_reason, view_note = frontal_views(flow.df, "view", f_meta.name, "ViewPosition")
-    notes = [view_note] if view_note else []
+    notes = [n for n in view_note.split("\n") if n and not n.startswith("WARNING:")]
+    view_warnings = [n for n in view_note.split("\n") if n.startswith("WARNING:")]
     flow.keep(flow.df["view"].isin(FRONTAL_VIEWS), "frontal view", view_reason,
               hint=f"; ViewPosition values in {f_meta.name}: "
                    f"{flow.df['view'].value_counts(dropna=False).head(8).to_dict()}")
@@ -505,9 +524,18 @@ def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
 
     table = finalize_table(flow.df)
     given = split["split"].value_counts()
-    check_splits(table, f_split.name,
-                 why=lambda s: (f"{f_split.name} has no row with split '{s}'" if not given.get(s)
-                                else f"all {given[s]:,} '{s}' images of {f_split.name} were excluded"))
+    gone = flow.exclusions()
+    gone = gone.assign(split=gone["image_id"].map(sp["split"]))
+
+    def why(s: str) -> str:
+        if not given.get(s):
+            return f"{f_split.name} has no row with split '{s}'"
+        by = gone[gone["split"] == s]["step"].value_counts()
+        steps = ", ".join(f"'{k}' {int(v):,}" for k, v in by.items())
+        absent = (f"; {int(by['image on disk']):,} of them have no JPEG file under {cxr / 'files'}"
+                  if by.get("image on disk", 0) else "")
+        return f"all {given[s]:,} '{s}' images of {f_split.name} were excluded (by step: {steps}){absent}"
+    check_splits(table, f_split.name, why=why)
     pats = rc.loc[table["subject_id"].unique(), ["group", "race_rule"]].reset_index()
     p = pat.set_index("subject_id")
     # Patients with images but no row in patients.csv keep sex/age NaN, counted in a note.
@@ -517,8 +545,10 @@ def build_mimic_cohort(mimic_cxr_dir: str | Path, mimic_iv_dir: str | Path,
     if no_row:
         notes.append(f"{f_pat.name}: {no_row:,} of {len(pats):,} kept patients have no row; their "
                      f"sex and age are unrecorded in the demographics")
-    return CohortResult(table, flow.table(), flow.exclusions(), pats, notes=notes,
-                        diagnostics=diagnostics)
+    if dims is not None:
+        dims = dims[dims["image_id"].isin(set(table["image_id"]))].reset_index(drop=True)
+    return CohortResult(table, flow.table(), flow.exclusions(), pats, notes=notes, warnings=view_warnings,
+                        diagnostics=diagnostics, dims=dims)
 
 
 # -- after the image cache: unreadable images, groups, the terminal summary -------
@@ -592,7 +622,57 @@ def exclude_unreadable(result: CohortResult, cache_report, max_share: float = 0.
     if len(pats):
         pats = pats[pats["subject_id"].isin(set(table["subject_id"]))].reset_index(drop=True)
     return CohortResult(table, flow.table(), ex.astype(str), pats, notes=list(result.notes),
-                        warnings=list(result.warnings), diagnostics=dict(result.diagnostics))
+                        warnings=list(result.warnings), diagnostics=dict(result.diagnostics), dims=result.dims)
+
+
+SIZE_STEP = "image size"
+MIN_IMAGE_PX = 8        # a side shorter than this is no chest X-ray (e.g. a 1 x 1 placeholder)
+MAX_SHRINK = 64         # a side more than 64 times shorter than the metadata's Rows/Columns: another image
+
+
+def exclude_bad_sizes(result: CohortResult, dims) -> CohortResult:
+    """Drop images whose stored size cannot be the X-ray the metadata describes (flow step ``image size``).
+
+    ``dims``: (N, 2) width and height of each cache row's file (``CacheReport.dims``). An
+    image is excluded when a side is under ``MIN_IMAGE_PX`` px, or, where the metadata
+    gives ``Rows``/``Columns``, more than ``MAX_SHRINK`` times shorter than they say. The
+    size is not compared exactly: MIMIC-CXR-JPG keeps the DICOM size (e.g. 3056 x 2544),
+    but resized copies of it (512 or 224 px) are common and legitimate, and the synthetic
+    generator writes small JPEGs whose Rows/Columns say their own size. The step is always
+    added (also with 0 dropped) so that the count is shown.
+    """
+    t = result.table
+    if SIZE_STEP in set(result.flow["step"]):
+        raise ValueError("exclude_bad_sizes was already applied to this cohort")
+    wh = np.asarray(dims)[t["row"].to_numpy()]
+    w, h = wh[:, 0].astype(float), wh[:, 1].astype(float)
+    bad = (w < MIN_IMAGE_PX) | (h < MIN_IMAGE_PX)
+    meta = ""
+    if result.dims is not None and len(result.dims):
+        d = result.dims.set_index("image_id").reindex(t["image_id"])
+        rows, cols = d["Rows"].to_numpy(dtype=float), d["Columns"].to_numpy(dtype=float)
+        with np.errstate(invalid="ignore"):
+            bad |= (w * MAX_SHRINK < cols) | (h * MAX_SHRINK < rows)
+        meta = f" or more than {MAX_SHRINK} times smaller than the metadata's Rows x Columns"
+    reason = f"image file is under {MIN_IMAGE_PX} px on a side{meta}: not the X-ray the metadata lists"
+    ex = ""
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        ex = f" (e.g. row {int(t['row'].iloc[i])}: {int(w[i])} x {int(h[i])} px)"
+    flow = Flow.__new__(Flow)
+    flow.df, flow.rows, flow.excluded = t, result.flow.to_dict("records"), []
+    flow.keep(~bad, SIZE_STEP, reason, hint=ex)
+    table = flow.df
+    check_splits(table, "after excluding images of the wrong size")
+    exc = pd.concat([result.exclusions, flow.exclusions()], ignore_index=True)[EXCLUSION_COLUMNS]
+    pats = result.patients
+    if len(pats):
+        pats = pats[pats["subject_id"].isin(set(table["subject_id"]))].reset_index(drop=True)
+    notes = list(result.notes)
+    if bad.any():
+        notes.append(f"{int(bad.sum()):,} image(s) excluded at step '{SIZE_STEP}': {reason}{ex}")
+    return replace(result, table=table, flow=flow.table(), exclusions=exc.astype(str), patients=pats,
+                   notes=notes)
 
 
 def _group_failure_reason(result: CohortResult) -> str:
@@ -733,8 +813,16 @@ def finalize(result: CohortResult, cache_report=None, *, max_unreadable_share: f
     """
     if cache_report is not None:
         result = exclude_unreadable(result, cache_report, max_unreadable_share, unreadable_list)
-    warns = [*result.warnings, *check_groups(result, min_group_n, max_missing_race_share),
-             *drop_warnings(result.flow, max_drop_share)]
+        if getattr(cache_report, "dims", None) is not None:
+            result = exclude_bad_sizes(result, cache_report.dims)
+    drops = drop_warnings(result.flow, max_drop_share)
+    try:
+        groups = check_groups(result, min_group_n, max_missing_race_share)
+    except InputError as exc:   # name the cause first: images that were missing or broken
+        if drops:
+            raise InputError(f"{drops[0].removeprefix('WARNING: ')}. As a result, {exc}") from None
+        raise
+    warns = [*result.warnings, *groups, *drops]
     return replace(result, warnings=list(dict.fromkeys(warns)))
 
 

@@ -11,6 +11,9 @@ Files in ``cache_dir`` for an image size ``px``:
   from the cohort table (which keeps each image's cache ``row``, so the cache is
   decoded once and never rewritten), and ``open_cache(rows=...)`` refuses a
   table that still refers to one of them;
+- ``dims_<px>.i32``: ``np.memmap`` int32 of shape (N, 2), each image's width and
+  height in pixels as stored in its file (0, 0 where it could not be read): the
+  cohort compares them with the metadata (``cohort.exclude_bad_sizes``);
 - ``stat_<px>.npy``: int64 (N, 2), each file's size and modification time (ns)
   when the build that decoded it began (-1 for an absent file);
 - ``meta_<px>.json``: N, size, SHA-256 of the path list, ``complete``. A cache
@@ -57,7 +60,7 @@ if TYPE_CHECKING:  # annotations only; pandas is imported where it is used
 
 # pandas and tqdm are imported where used: worker processes import only numpy and Pillow.
 
-CACHE_VERSION = 2   # 2: stat_<px>.npy, failed and changed rows decoded again
+CACHE_VERSION = 3   # 2: stat_<px>.npy, failed and changed rows decoded again; 3: dims_<px>.i32
 
 
 @dataclass
@@ -71,6 +74,7 @@ class CacheReport:
     n_decoded: int = 0
     reused: bool = False
     failed_path: Path | None = None  # failed_<px>.csv, the list of unreadable images
+    dims: np.ndarray | None = None   # (N, 2) width, height of each image as stored (0, 0: unreadable)
 
 
 def cache_files(cache_dir: str | Path, image_size: int) -> dict[str, Path]:
@@ -78,7 +82,8 @@ def cache_files(cache_dir: str | Path, image_size: int) -> dict[str, Path]:
     d = Path(cache_dir)
     px = int(image_size)
     return dict(images=d / f"images_{px}.u8", done=d / f"done_{px}.npy",
-                failed=d / f"failed_{px}.csv", meta=d / f"meta_{px}.json", stat=d / f"stat_{px}.npy")
+                failed=d / f"failed_{px}.csv", meta=d / f"meta_{px}.json", stat=d / f"stat_{px}.npy",
+                dims=d / f"dims_{px}.i32")
 
 
 def file_stats(paths: Sequence[str | Path]) -> np.ndarray:
@@ -126,16 +131,33 @@ def _process_chunk(mm_path: str, n: int, px: int, rows: np.ndarray,
                    paths: list[str]) -> list[tuple[int, str, str]]:
     """Decode ``paths`` into rows ``rows`` of the memmap; return (index, path, error) of failures."""
     mm = np.memmap(mm_path, dtype=np.uint8, mode="r+", shape=(n, px, px))
+    dims = np.memmap(_dims_path(mm_path), dtype=np.int32, mode="r+", shape=(n, 2))
     failed = []
     for i, p in zip(rows, paths):
         try:
+            with Image.open(p) as im:   # the header only: the size as stored
+                dims[i] = im.size
             mm[i] = load_image(p, px)
         except Exception as e:  # any unreadable file: record it, leave zeros, go on
             mm[i] = 0
+            dims[i] = 0
             failed.append((int(i), str(p), f"{type(e).__name__}: {e}"))
     mm.flush()
-    del mm
+    dims.flush()
+    del mm, dims
     return failed
+
+
+def _dims_path(images_path: str | Path) -> Path:
+    p = Path(images_path)
+    return p.with_name(p.name.replace("images_", "dims_").replace(".u8", ".i32"))
+
+
+def image_dims(cache_dir: str | Path, image_size: int) -> np.ndarray:
+    """int32 (N, 2): width and height of each cached image's file (0, 0 where unreadable)."""
+    f = cache_files(cache_dir, image_size)
+    n = int(json.loads(f["meta"].read_text())["n"])
+    return np.array(np.memmap(f["dims"], dtype=np.int32, mode="r", shape=(max(n, 1), 2))[:n])
 
 
 def _save_done(done: np.ndarray, path: Path) -> None:
@@ -187,7 +209,7 @@ def build_cache(paths: Sequence[str | Path], cache_dir: str | Path, image_size: 
         print(f"[image_cache] {f['images'].name} was built for another "
               f"{'path list' if 'paths_sha256' in why else ', '.join(why)}: rebuilding")
     stats = file_stats(paths)
-    if same and f["images"].exists() and f["done"].exists():
+    if same and f["images"].exists() and f["done"].exists() and f["dims"].exists():
         done = np.load(f["done"])
         failed = _read_failed(f["failed"])
         old_stats = np.load(f["stat"]) if f["stat"].exists() else None
@@ -210,7 +232,8 @@ def build_cache(paths: Sequence[str | Path], cache_dir: str | Path, image_size: 
         done = np.zeros(n, dtype=bool)
         failed = []
         mm = np.memmap(f["images"], dtype=np.uint8, mode="w+", shape=(max(n, 1), px, px))
-        del mm
+        dims = np.memmap(f["dims"], dtype=np.int32, mode="w+", shape=(max(n, 1), 2))
+        del mm, dims
         _save_done(done, f["done"])
         f["meta"].write_text(json.dumps({**meta, "complete": False}, indent=2))
 
@@ -253,7 +276,8 @@ def build_cache(paths: Sequence[str | Path], cache_dir: str | Path, image_size: 
         print(f"[image_cache] {len(fdf)} of {n} images could not be read (pixels left 0); "
               f"listed in {f['failed']}")
     return CacheReport(n=n, n_failed=len(fdf), failed=fdf, seconds=time.perf_counter() - t0,
-                       n_decoded=len(todo), reused=reused, failed_path=f["failed"])
+                       n_decoded=len(todo), reused=reused, failed_path=f["failed"],
+                       dims=image_dims(cache_dir, px))
 
 
 def open_cache(cache_dir: str | Path, image_size: int, expected_n: int | None = None,

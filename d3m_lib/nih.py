@@ -176,7 +176,7 @@ def build_nih_cohort(nih_dir: str | Path, group: str = "sex", age_bands=(40, 60,
     df = pd.concat([df, nih_labels(raw["Finding Labels"], f.name)], axis=1)
     flow = Flow(df, "label file", f"all rows of {f.name}", hint=f" ({f})")
     view_reason, view_note = frontal_views(flow.df, "view", f.name, "View Position")
-    notes = [view_note] if view_note else []
+    notes = [n for n in view_note.split("\n") if n]
     flow.keep(flow.df["view"].isin(FRONTAL_VIEWS), "frontal view",
               view_reason.replace(" (lateral, other or blank)", ""),
               hint=f"; View Position values in {f.name}: "

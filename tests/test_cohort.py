@@ -569,3 +569,62 @@ def test_patient_without_patients_row_is_counted(tmp_path):
     res = build_mimic_cohort(cxr, iv)
     assert res.patients.set_index("subject_id")["sex"].isna().sum() == 1
     assert any(n.startswith("patients.csv.gz: 1 of 5 kept patients have no row") for n in res.notes)
+
+
+# -- issue 23: causes named before their consequences ---------------------------------
+
+def test_unknown_view_positions_are_counted_and_warned_about(tmp_path):
+    images = IMAGES + [("d12", "10000001", "50000001", "1", "train", True), ("d13", "10000001", "50000001", "1",
+                                                                           "train", True)]
+    res = build_mimic_cohort(*make_mimic(tmp_path, images=images))
+    reason = res.flow.set_index("step").loc["frontal view", "reason"]
+    assert "2 with a value no MIMIC/NIH view has ('1' 2)" in reason
+    assert len(res.warnings) == 1 and "2 ViewPosition value(s) are no known view ('1' 2)" in res.warnings[0]
+    assert "WARNING: mimic-cxr-2.0.0-metadata.csv.gz: 2 ViewPosition" in terminal_summary(
+        res.table, res.flow, res.patients, res.notes, res.warnings)
+    # MIMIC's own non-frontal codes are no surprise
+    assert build_mimic_cohort(*make_mimic(tmp_path / "plain")).warnings == []
+
+
+def test_missing_files_are_named_as_the_cause_of_an_emptied_split(tmp_path):
+    images = [(*im[:5], False) if im[4] == "train" else im for im in IMAGES]
+    with pytest.raises(InputError, match=r"all 5 'train' images of .*split\.csv\.gz were excluded \(by step: "
+                                         r".*'image on disk' 2.*\); 2 of them have no JPEG file under"):
+        build_mimic_cohort(*make_mimic(tmp_path, images=images))
+
+
+def test_missing_files_are_named_before_the_group_check(tmp_path):
+    images = [(*im[:5], False) if im[0] in ("d1", "d9") else im for im in _two_group_images()]
+    res = build_mimic_cohort(*make_mimic(tmp_path, images=images, admissions=_two_group_adm(),
+                                         edit=_two_group_edit))
+    with pytest.raises(InputError, match=r"^\d+ of \d+ images .* were dropped.*'image on disk' 2.*"
+                                         r"As a result, the study compares groups but only 1 group"):
+        finalize(res, None, min_group_n=1)
+
+
+def test_images_far_smaller_than_their_metadata_are_excluded_and_counted(tmp_path):
+    def edit(name, df):
+        if "metadata" in name:   # d12's metadata says 4096 x 4096
+            df.loc[df["dicom_id"] == "d12", ["Rows", "Columns"]] = 4096
+        return _two_group_edit(name, df)
+    extra = [("d12", "10000001", "50000007", "PA", "train", True)]
+    cxr, iv = make_mimic(tmp_path, images=_two_group_images() + extra, admissions=_two_group_adm(), edit=edit)
+    res = build_mimic_cohort(cxr, iv)
+    Image.fromarray(np.full((1, 1), 100, np.uint8)).save(cxr / res.table.set_index("image_id").loc["d5", "path"])
+    small = res.table.set_index("image_id").loc["d12", "path"]
+    Image.fromarray(np.full((16, 16), 100, np.uint8)).save(cxr / small)     # 4096 / 16 = 256 times smaller
+    rep = image_cache.build_cache([cxr / p for p in res.table["path"]], tmp_path / "c", 4, workers=1,
+                                  progress=False)
+    assert rep.dims[res.table["image_id"].tolist().index("d5")].tolist() == [1, 1]
+    out = finalize(res, rep, min_group_n=1, max_drop_share=1.0)
+    step = out.flow.set_index("step").loc["image size"]
+    assert step["dropped_images"] == 2 and "under 8 px on a side" in step["reason"]
+    assert set(out.exclusions.set_index("image_id").loc[["d5", "d12"], "step"]) == {"image size"}
+    assert any("2 image(s) excluded at step 'image size'" in n for n in out.notes)
+    # the metadata's own size (the synthetic layout), or a plain resize, is kept
+    ok = build_mimic_cohort(*make_mimic(tmp_path / "ok", images=_two_group_images(), admissions=_two_group_adm(),
+                                        edit=_two_group_edit))
+    rep = image_cache.build_cache([tmp_path / "ok" / "mimic-cxr-jpg" / p for p in ok.table["path"]],
+                                  tmp_path / "c2", 4, workers=1, progress=False)
+    assert finalize(ok, rep, min_group_n=1, max_drop_share=1.0).flow.set_index("step").loc[
+        "image size", "dropped_images"] == 0
