@@ -129,7 +129,7 @@ def run(stage: Stage, progress: bool = False) -> Result:
     metrics_t, worst, paired = [], [], []
     for finding, frame in test.groupby("finding", sort=False):
         gm = GroupMetrics.from_frame(frame, cluster="subject_id" if subject is not None else None,
-                                     model="model", seed="seed", n_boot=cfg.n_boot, ci_level=cfg.ci_level,
+                                     model="model", seed="seed", n_boot=cfg.n_boot_descriptive, ci_level=cfg.ci_level,
                                      random_state=DESCRIPTIVE_SEED, min_group_n=cfg.min_group_n)
         metrics_t.append(gm.table().assign(finding=finding))
         w = gm.worst_ci("accuracy")

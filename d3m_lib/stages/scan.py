@@ -96,7 +96,7 @@ def run(stage, progress: bool = False) -> Result:
                                            progress=progress)
     ckpt = model_dir / f"epoch_{cfg.scan_epochs:02d}.pt"
     preds, thresholds = scanmod.scan_predictions(tcfg, images, cohort, available, ckpt, cfg.threshold_rule)
-    stats = dict(n_boot=cfg.n_boot, ci_level=cfg.ci_level, seed=DESCRIPTIVE_SEED)
+    stats = dict(n_boot=cfg.n_boot_descriptive, ci_level=cfg.ci_level, seed=DESCRIPTIVE_SEED)
     scan_df = scanmod.metrics_from_predictions(preds, available, **stats)
     counts = scanmod.label_counts(cohort, available)
     ranking = scanmod.rank_findings(scan_df, counts, min_group_n=cfg.min_group_n, min_group_pos=cfg.min_group_pos,

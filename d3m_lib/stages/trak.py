@@ -196,7 +196,7 @@ def linear_datamodeling(stage: Stage, scorer, cohort: pd.DataFrame, images, find
         return next(actual)
 
     res = attribution.lds(s, margins, n_models=n_models, subset_fraction=subset_fraction, seed=cfg.trak_seed,
-                          n_boot=cfg.n_boot, ci_level=cfg.ci_level)
+                          n_boot=cfg.n_boot_descriptive, ci_level=cfg.ci_level)
     res = {**res, "per_target": [float(v) for v in res["per_target"]], "finding": finding, "seed": int(seed),
            "targets": [int(t) for t in targets], "subset_fraction": float(subset_fraction),
            "ci_level": float(cfg.ci_level)}
@@ -259,7 +259,7 @@ def run(stage: Stage, progress: bool = False) -> Result:
             flags = planted_flags(cohort, rows, gt, finding)
             clusters = None if clusters_of is None else clusters_of.loc[rows].to_numpy()
             t = harm_table({s: taus[(finding, s)] for s in cfg.seeds}, {s: losses[(finding, s)] for s in cfg.seeds},
-                           flags, clusters, n_boot=cfg.n_boot, ci_level=cfg.ci_level, random_state=cfg.trak_seed)
+                           flags, clusters, n_boot=cfg.n_boot_descriptive, ci_level=cfg.ci_level, random_state=cfg.trak_seed)
             parts.append(t.assign(finding=finding))
         harm = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         harm = harm[["finding", *[c for c in harm.columns if c != "finding"]]] if len(harm) else None
