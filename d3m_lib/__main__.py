@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -124,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise RunnerError(f"demo-data: {exc}") from exc
     except (RunnerError, ConfigError, RunBusyError, StaleArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:   # a read-only or full run folder: one line, not a traceback
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        from .runner import write_error
+
+        folder = getattr(args, "run_dir", None) or getattr(args, "out", None) or "."
+        print(f"error: {write_error(Path(folder).resolve(), exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -386,15 +386,63 @@ def run(params_file: str | Path | None, *, run_dir: str | Path | None = None,
                           f"  keep it: choose a new folder, e.g. --run-dir {target.path.parent.name}/"
                           f"{target.path.name}-2 (unchanged stages are linked, not recomputed)\n"
                           f"  or overwrite it in place: add --replace")
+    check_writable(target.path)
     try:
         lock = acquire_lock(target.path, "python -m d3m_lib run")
     except RunBusyError as exc:
         raise RunnerError(str(exc)) from None
+    except OSError as exc:
+        raise RunnerError(write_error(target.path, exc)) from None
     try:
         return _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock, replace,
                            progress)
     finally:
         lock.release()
+
+
+MIN_FREE_BYTES = 200 * 2 ** 20   # a run folder's disk with less free space is refused before work
+
+
+def write_error(folder: Path, exc: OSError) -> str:
+    """One line for a run folder that cannot be written (read-only, full, no permission)."""
+    what = exc.strerror or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename and Path(str(exc.filename)) != Path(folder) else ""
+    return (f"cannot write to the run folder {folder}: {what}{where}. Free space on its disk, make it "
+            f"writable, or choose another --run-dir")
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, in one line, a run folder that is read-only or on a (nearly) full disk."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise RunnerError(f"cannot write to the run folder {folder}: {probe} is read-only. Make it "
+                          f"writable, or choose another --run-dir")
+    free = shutil.disk_usage(probe).free
+    if free < MIN_FREE_BYTES:
+        raise RunnerError(f"cannot write to the run folder {folder}: its disk has {free / 2 ** 20:.0f} MiB "
+                          f"free (at least {MIN_FREE_BYTES // 2 ** 20} MiB needed). Free space, or choose "
+                          f"another --run-dir")
+
+
+def check_against_cohort(run: RunDir, cfg: Config) -> None:
+    """Parameters that stage 01's cohort bounds, checked once it is known (before the stages that need them).
+
+    ``trak_proj_dim`` must lie below the number of training images (TRAK's projected
+    features of the training set would be rank-deficient otherwise); stage 04 refuses it too.
+    """
+    import pandas as pd
+
+    f = run.stage_dir("01_cohort") / "cohort.parquet"
+    if not f.is_file():
+        return
+    n_train = int((pd.read_parquet(f, columns=["split"])["split"] == "train").sum())
+    if cfg.trak_proj_dim >= n_train:
+        raise RunnerError(f"parameter 'trak_proj_dim' = {cfg.trak_proj_dim}: must be below the number of "
+                          f"training images, and this run's cohort (stage 01) has {n_train:,} in train (a "
+                          f"finding's task may have fewer); stage 04 would refuse it. Choose a smaller value, "
+                          f"e.g. -p trak_proj_dim={max(1, min(256, n_train // 4))}")
 
 
 def _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock, replace, progress):
@@ -466,6 +514,8 @@ def _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock
                 _write_json(target.run_json, record)
                 print(f"[{nb.name}] done in {entry['seconds']:.1f} s", flush=True)
                 _print_stage_report(target, name)
+            if name == "01_cohort" and any(st["action"] == "compute" and st["stage"] == "04_trak" for st in steps):
+                check_against_cohort(target, cfg)   # before any later stage runs
         record["privacy"] = privacy_scan(target, cfg)
     except KeyboardInterrupt:
         if entry.get("status") == "running":

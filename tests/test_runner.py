@@ -31,7 +31,11 @@ stage.finish({summary})
 TOY_BODY = {
     # stage 01 reads an input file when the test names one
     "01_cohort": "import os\nfrom pathlib import Path\nif os.environ.get('TOY_INPUT'):\n"
-                 "    stage.record_inputs([os.environ['TOY_INPUT']], Path(os.environ['TOY_INPUT']).parent, [])",
+                 "    stage.record_inputs([os.environ['TOY_INPUT']], Path(os.environ['TOY_INPUT']).parent, [])\n"
+                 "if os.environ.get('TOY_TRAIN'):   # a cohort of that many training images\n"
+                 "    import pandas as pd\n"
+                 "    pd.DataFrame({'split': ['train'] * int(os.environ['TOY_TRAIN'])}).to_parquet("
+                 "stage.path('cohort.parquet'))",
     "06_per_race": "stage.path('wga_change.csv').write_text("
                    "'finding,method,change,lo,hi\\nPleural Effusion,d3m,0.052,-0.01,0.11\\n')",
 }
@@ -302,3 +306,44 @@ def test_changed_inputs_recompute_from_stage_01(tmp_path, toy_notebooks, monkeyp
     assert "recomputing" in (run_dir / "executed" / "01_cohort.ipynb").read_text()
     assert not rundir.RunDir(run_dir).manifest("01_cohort")["resumed"] and main(["status", str(run_dir)]) == 0
     assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+
+
+def test_trak_proj_dim_is_checked_against_the_cohort_before_later_stages(tmp_path, toy_notebooks, monkeypatch):
+    """Issue 23: trak_proj_dim above the training set is refused once stage 01 is known, not at stage 04."""
+    monkeypatch.setenv("TOY_TRAIN", "50")
+    with pytest.raises(RunnerError, match=r"'trak_proj_dim' = 64: must be below the number of training images, "
+                                          r"and this run's cohort \(stage 01\) has 50 in train.*-p trak_proj_dim=12"):
+        run(None, run_dir=tmp_path / "r", overrides={"trak_proj_dim": 64}, notebooks_dir=toy_notebooks)
+    assert (tmp_path / "r" / "executed" / "01_cohort.ipynb").exists()
+    assert not (tmp_path / "r" / "executed" / "02_discrepancy_scan.ipynb").exists()
+
+
+def test_a_read_only_or_full_run_folder_gets_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 23: no traceback for a run folder that cannot be written."""
+    import errno
+    import shutil as sh
+    from collections import namedtuple
+
+    from d3m_lib import runner as runner_mod
+
+    target = tmp_path / "ro" / "run"
+    monkeypatch.setattr(runner_mod.os, "access", lambda p, mode: False)
+    assert main(["run", _empty_yaml(tmp_path), "--run-dir", str(target)]) == 1
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "Traceback" not in err
+    assert f"cannot write to the run folder {target}" in line[0] and "read-only" in line[0]
+    monkeypatch.undo()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+    assert main(["run", _empty_yaml(tmp_path), "--run-dir", str(target)]) == 1
+    assert "its disk has 1 MiB free" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target / "book" / "x.html"))
+    monkeypatch.setattr("d3m_lib.__main__.build_book", full)
+    assert main(["book", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and str(target) in err
+    assert not target.exists()
