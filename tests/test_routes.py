@@ -143,3 +143,24 @@ def test_a_killed_run_is_recorded_as_interrupted_and_resumes(smoke_run):
     assert f"the previous run in {target} was interrupted" in again.stdout
     assert "01_cohort          keep" in again.stdout
     assert json.loads((target / "run.json").read_text())["status"] == "complete"
+
+
+def test_an_edited_headline_table_is_refused_by_status_require_and_book(smoke_run, tmp_path):
+    """Issue 23, bad case 1 on the real artifacts: D3M's row of wga_change.csv set to 0.40 [0.30, 0.50]."""
+    import pandas as pd
+
+    from d3m_lib.__main__ import main
+
+    run_dir, _ = smoke_run
+    copy = tmp_path / "edited"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("book", "book_src", ".lock"))
+    assert main(["status", str(copy)]) == 0                 # a faithful copy is current
+    f = copy / "06_per_race" / "wga_change.csv"
+    t = pd.read_csv(f)
+    t.loc[t["method"] == "d3m", ["change", "lo", "hi"]] = [0.40, 0.30, 0.50]
+    t.to_csv(f, index=False)
+    assert main(["status", str(copy)]) == 1
+    with pytest.raises(rundir.StaleArtifactError, match=f"{f} was changed after the stage wrote it"):
+        rundir.RunDir(copy).require("06_per_race")
+    assert main(["book", str(copy)]) == 1
+    assert not (copy / "book").exists()
