@@ -12,8 +12,8 @@ Models in the tables carry the method registry's names: ``base`` is the anchor
 (``epoch_<epochs_anchor>.pt``, the model D3M edits and TRAK attributes), ``erm``
 is continued ERM (the last epoch). Test metrics come from the one metric engine
 (:class:`d3m_lib.metrics.GroupMetrics`): patient-level bootstrap within group,
-seeds pooled (point = mean over seeds; interval = percentile interval of the
-pooled seeds x resamples, inside [0, 1]), and its one worst-group rule
+point = mean over seeds; interval = that of the mean, a two-level bootstrap of
+seeds and patients, inside [0, 1]), and its one worst-group rule
 (``min_group_n``). The per-group validation losses of the anchor, which weight
 D3M, are reported per seed with their spread across seeds.
 """

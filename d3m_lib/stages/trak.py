@@ -14,8 +14,8 @@ Attribution quality, replacing the self-influence check (issue 11 item 8):
   harmful training images of the finding (``planted_ground_truth.csv.gz``), for each
   group's ``tau(g)``, their equal-weight mean, and ``tau`` of the group with the highest
   anchor validation loss among groups with at least ``min_group_n`` validation images (the
-  group D3M weights most), per planted kind, with a
-  patient-level bootstrap interval pooled over seeds
+  group D3M weights most), per planted kind, with the interval of the mean over seeds (two-level
+  bootstrap of seeds and patients)
   (:func:`d3m_lib.attribution.harm_ranking_auroc`). Real data have no ground truth:
   the table is None and ``harm_note`` says so.
 * **linear datamodeling score** (``trak_lds: true``, ``params/lds.yaml``): for the first
@@ -76,7 +76,7 @@ def planted_flags(cohort: pd.DataFrame, train_rows, ground_truth: pd.DataFrame, 
 
 def harm_table(taus: dict, losses: dict, flags: pd.DataFrame, clusters, *, n_boot: int, ci_level: float,
                random_state) -> pd.DataFrame:
-    """AUROC of each score against each planted kind, pooled over seeds.
+    """AUROC of each score against each planted kind: mean over seeds, with the interval of that mean.
 
     ``taus``: seed -> tau (train row x group, rows in ``flags`` order); ``losses``:
     seed -> anchor validation loss per group (the highest picks the "highest-loss group";
