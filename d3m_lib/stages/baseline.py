@@ -11,10 +11,9 @@ both, and chooses each one's decision threshold on validate.
 Models in the tables carry the method registry's names: ``base`` is the anchor
 (``epoch_<epochs_anchor>.pt``, the model D3M edits and TRAK attributes), ``erm``
 is continued ERM (the last epoch). Test metrics come from the one metric engine
-(:class:`d3m_lib.metrics.GroupMetrics`): patient-level bootstrap within group,
-point = mean over seeds; interval = that of the mean, a two-level bootstrap of
-seeds and patients, inside [0, 1]), and its one worst-group rule
-(``min_group_n``). The per-group validation losses of the anchor, which weight
+(:class:`d3m_lib.metrics.GroupMetrics`): point = mean over seeds; interval = that
+of the mean, a two-level bootstrap of seeds and of patients within group, inside
+[0, 1]; its one worst-group rule (``min_group_n``). The per-group validation losses of the anchor, which weight
 D3M, are reported per seed with their spread across seeds.
 """
 
