@@ -612,9 +612,12 @@ def exclude_unreadable(result: CohortResult, cache_report, max_share: float = 0.
     flow.df, flow.rows, flow.excluded = t, result.flow.to_dict("records"), []
     mask = np.ones(n, dtype=bool)
     mask[pos] = False
+    # the flow table is published and linked into other runs: it names the list by its place in the
+    # run folder (01_cohort/unreadable.csv), never by this machine's absolute path
+    shown = f"listed in {list_file.parent.name}/{list_file.name}" if list_file is not None else where
     flow.keep(mask, UNREADABLE_STEP,
               f"image file could not be decoded (damaged, truncated, 0 bytes or not an image); "
-              f"{where}", hint=f"; {where}")
+              f"{shown}", hint=f"; {where}")
     table = flow.df  # rows keep their cache row numbers
     check_splits(table, f"after excluding the unreadable images {where}")
     ex = pd.concat([result.exclusions, flow.exclusions()], ignore_index=True)[EXCLUSION_COLUMNS]

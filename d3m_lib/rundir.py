@@ -731,6 +731,12 @@ class RunDir:
                 shutil.copy2(s, d)
 
         shutil.copytree(src, dst, copy_function=link)
+        # the manifest is this run's own file (not a link): it says where the stage came from; every
+        # path in it is relative to the run folder (or outside both runs), never the source's own
+        m = json.loads((src / MANIFEST).read_text())
+        m["linked_from"] = {"run": str(source.path), "at": _now()}
+        (dst / MANIFEST).unlink()
+        _write_json(dst / MANIFEST, m)
         ex = source.executed(name)
         if ex.exists():
             self.executed(name).parent.mkdir(parents=True, exist_ok=True)

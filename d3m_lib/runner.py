@@ -445,6 +445,15 @@ def check_against_cohort(run: RunDir, cfg: Config) -> None:
                           f"e.g. -p trak_proj_dim={max(1, min(256, n_train // 4))}")
 
 
+def _read_record(run: RunDir) -> dict:
+    """The run's ``run.json`` ({} when absent or unreadable)."""
+    try:
+        rec = json.loads(run.run_json.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
 def _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock, replace, progress):
     # we hold the lock: a record still saying "running" belongs to a run that died
     previous = run_status(target)
@@ -456,13 +465,17 @@ def _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock
     steps = plan(cfg, target, chosen, notebooks, replace)
     print_plan(steps, target)
     by_stage = {nb.stage: nb for nb in notebooks}
+    prev = _read_record(target)
+    history = prev.pop("history", []) + ([prev] if prev else [])   # every earlier call, oldest first
     record: dict[str, Any] = {
         "params_file": str(Path(params_file).resolve()) if params_file else None,
         "config": cfg.to_dict(), "plan": steps, "selected": chosen, "code_version": code_version(),
         "versions": package_versions(), "kernel_python": kernel_python,
         "host": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine()},
-        "started_at": _now(), "status": "running", "notebooks": [],
+        "started_at": _now(), "status": "running", "notebooks": [], "history": history,
     }
+    # notebooks: how each stage of this folder was computed, kept stages with their earlier timings
+    earlier = {e["notebook"]: e for e in prev.get("notebooks", []) if e.get("status") == "complete"}
     target.path.mkdir(parents=True, exist_ok=True)
     _write_json(target.run_json, record)
     target.write_config(cfg)
@@ -476,8 +489,14 @@ def _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock
     try:
         for step in steps:
             name = step["stage"]
+            nb_name = by_stage[name].name
+            if step["action"] == "keep" and nb_name in earlier:
+                record["notebooks"].append({**earlier[nb_name], "action": "keep"})
             if step["action"] == "link":
                 target.adopt(name, RunDir(step["source"]))
+                theirs = {e["notebook"]: e for e in _read_record(RunDir(step["source"])).get("notebooks", [])}
+                record["notebooks"].append({**theirs.get(nb_name, {"notebook": nb_name, "status": "complete"}),
+                                            "action": "link", "linked_from": step["source"]})
             if step["action"] == "compute":
                 old = target.manifest(name)
                 if old is not None and old.get("params") != cfg.for_stage(name):  # replace: asked for
@@ -486,7 +505,7 @@ def _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock
                     print(f"[{name}] replacing in place (--replace)"
                           + (f"; marked stale: {', '.join(marked)}" if marked else ""), flush=True)
                 nb = by_stage[name]
-                entry = {"notebook": nb.name, "started_at": _now(), "status": "running"}
+                entry = {"notebook": nb.name, "started_at": _now(), "status": "running", "action": "compute"}
                 record["notebooks"].append(entry)
                 _write_json(target.run_json, record)
                 print(f"[{nb.name}] running ...", flush=True)

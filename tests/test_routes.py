@@ -76,9 +76,11 @@ def test_readme_papermill_example_writes_a_fork_and_keeps_the_run(smoke_run, tmp
     f = rundir.RunDir(fork)
     assert f.config().d3m_weighting == "linear" and f.require("05_d3m")
     assert f.manifest("05_d3m")["params"]["d3m_weighting"] == "linear"
-    # its upstream stages are the run's own files, linked
-    assert os.stat(fork / "03_baseline" / "manifest.json").st_ino == \
-        os.stat(run_dir / "03_baseline" / "manifest.json").st_ino
+    # its upstream stages are the run's own files, linked; their manifests say so, in the fork's own file
+    assert os.stat(fork / "01_cohort" / "cohort.parquet").st_ino == \
+        os.stat(run_dir / "01_cohort" / "cohort.parquet").st_ino
+    assert f.manifest("03_baseline")["linked_from"]["run"] == str(run_dir)
+    assert str(run_dir) not in (fork / "01_cohort" / "flow.csv").read_text()
     # and the next notebooks, pointed at the fork, read the linear selection
     proc = papermill("06_per_race.ipynb", tmp_path / "06.ipynb", "-p", "run_dir", str(fork))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -347,3 +347,23 @@ def test_a_read_only_or_full_run_folder_gets_one_line(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and str(target) in err
     assert not target.exists()
+
+
+def test_run_json_keeps_every_call_and_the_timings_of_kept_and_linked_stages(tmp_path, toy_notebooks):
+    """Issue 23: a later runner call appends its record; earlier timings stay; links say where from."""
+    demo = run(None, run_dir=tmp_path / "demo", notebooks_dir=toy_notebooks)
+    first = json.loads((demo / "run.json").read_text())
+    run(None, run_dir=demo, notebooks_dir=toy_notebooks)                 # computes nothing
+    rec = json.loads((demo / "run.json").read_text())
+    assert [h["started_at"] for h in rec["history"]] == [first["started_at"]] and "history" not in rec["history"][0]
+    assert rec["history"][0]["notebooks"] == first["notebooks"]
+    assert [e["action"] for e in rec["notebooks"]] == ["keep"] * 7
+    assert [e["seconds"] for e in rec["notebooks"]] == [e["seconds"] for e in first["notebooks"]]
+    beta2 = run(None, run_dir=tmp_path / "beta2", overrides={"d3m_beta": 2}, notebooks_dir=toy_notebooks)
+    rec = json.loads((beta2 / "run.json").read_text())
+    linked = [e for e in rec["notebooks"] if e["action"] == "link"]
+    assert len(linked) == 4 and {e["linked_from"] for e in linked} == {str(demo)}
+    assert linked[0]["seconds"] == first["notebooks"][0]["seconds"]
+    m = rundir.RunDir(beta2).manifest("03_baseline")
+    assert m["linked_from"]["run"] == str(demo) and "linked_from" not in rundir.RunDir(demo).manifest("03_baseline")
+    assert os.stat(beta2 / "03_baseline" / "manifest.json").st_ino != os.stat(demo / "03_baseline" / "manifest.json").st_ino

@@ -97,6 +97,8 @@ def test_unreadable_images_excluded_and_synthetic_dir_outside_the_run(tmp_path):
     assert set(unreadable["image_id"]) == set(frontal["dicom_id"])
     assert not set(frontal["dicom_id"]) & set(res.table["image_id"])
     assert "unreadable images: 3" in res.terminal
+    reason = step["reason"].iloc[0]                  # published: no path of this machine in it
+    assert "listed in 01_cohort/unreadable.csv" in reason and str(tmp_path) not in reason
     s = RunDir(run_dir).manifest("01_cohort")["summary"]
     assert s["synthetic_dir"] == str(data.resolve())           # outside the run: absolute
     # resuming: the same cohort; the cache decodes again only the three that failed

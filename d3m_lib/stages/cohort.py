@@ -213,7 +213,7 @@ def run(stage, progress: bool = False) -> Result:
     n_excluded, n_listed = int(flow["dropped_images"].sum()), int(flow["images"].iloc[0])
     # "synthetic" at the top: synthetic.planted_ground_truth reads it there
     summary = dict(data=dict(dataset=cfg.dataset, synthetic=is_synthetic), synthetic=is_synthetic,
-                   image_root=str(image_root.resolve()),
+                   image_root=_synthetic_dir_in_summary(image_root, stage.run.path),  # relative inside the run
                    n_images=len(table), n_patients=int(table["subject_id"].nunique()),
                    n_excluded_images=n_excluded, n_failed_images=int(report.n_failed),
                    image_size=cfg.image_size, groups=group_order,
