@@ -57,8 +57,9 @@ class TaskFailed(RuntimeError):
     """A task failed ``1 + max_retries`` times; the stage stops (finished tasks stay recorded)."""
 
     def __init__(self, key: str, error: str, attempts: int):
-        super().__init__(f"training task {key!r} failed {attempts} time(s); the stage stops here "
-                         f"(finished tasks are kept and a re-run resumes them). Last error:\n{error}")
+        last = next((ln for ln in reversed(error.strip().splitlines()) if ln.strip()), error)
+        super().__init__(f"training task {key!r} failed {attempts} time(s): {last.strip()}\nThe stage stops here; "
+                         f"finished tasks are kept and a re-run resumes them. Last error:\n{error}")
         self.key, self.error, self.attempts = key, error, attempts
 
 

@@ -521,6 +521,26 @@ def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_chec
     return hist
 
 
+def retrain(cfg: TrainConfig, images: np.ndarray, rows, y, anchor, out_dir: str | Path, va, te,
+            steps: int) -> None:
+    """One retrained arm (a grid task of stage 05): :func:`continue_training` from ``anchor`` on ``rows``.
+
+    ``steps`` optimizer steps in ``cfg.stream``; keeps only the final checkpoint and writes
+    ``preds_validate.parquet`` and ``preds_test.parquet`` (``va``, ``te``: :func:`task_rows`
+    tuples) into ``out_dir``.
+    """
+    out = Path(out_dir)
+    continue_training(cfg, images, rows, y, anchor, out, val=va, progress=False, steps=steps)
+    final = out / f"epoch_{cfg.total_epochs:02d}.pt"
+    for f in out.glob("epoch_*.pt"):
+        if f != final:
+            f.unlink()  # the final model only
+    model = load_model(cfg, final)
+    for split, (r, yy, groups) in (("validate", va), ("test", te)):
+        predictions_frame(r, split, groups, yy, predict(model, cfg, images, r)).to_parquet(
+            out / f"preds_{split}.parquet")
+
+
 def _sgd_step(model: nn.Module, opt, xb: torch.Tensor, yb: torch.Tensor, lr: float, cfg: TrainConfig,
               device: torch.device) -> float:
     """One optimizer step at learning rate ``lr``; returns the batch's summed loss."""

@@ -9,7 +9,7 @@ the smaller k (:func:`choose_k`). Then the selections of every arm through
 :mod:`d3m_lib.methods` and the retraining of each arm by
 :func:`training.continue_training` from the anchor for ERM's step budget.
 
-Every training is a task of the grid executor (:mod:`d3m_lib.grid`, :func:`retrain`).
+Every training is a task of the grid executor (:mod:`d3m_lib.grid`, :func:`training.retrain`).
 The curve's models use their own batch-order stream (``CURVE_STREAM``); every arm's
 test model is trained **fresh** at the chosen k in the default stream, like continued
 ERM (whose predictions, with ``base``'s, come from stage 03). So the D3M model scored on
@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -83,24 +82,6 @@ def _with_threshold(frames: dict, method: str, finding: str, seed: int, rule: st
     return out[PRED_COLUMNS]
 
 
-def retrain(cfg: training.TrainConfig, images, rows, y, anchor, out_dir, va, te, steps: int) -> None:
-    """One retrained model (a grid task): ``steps`` continuation steps from the anchor on ``rows``.
-
-    :func:`training.continue_training` in ``cfg.stream``; keeps the final checkpoint only and
-    writes ``preds_validate.parquet`` and ``preds_test.parquet`` into ``out_dir``.
-    """
-    out = Path(out_dir)
-    training.continue_training(cfg, images, rows, y, anchor, out, val=va, progress=False, steps=steps)
-    final = out / f"epoch_{cfg.total_epochs:02d}.pt"
-    for f in out.glob("epoch_*.pt"):
-        if f != final:
-            f.unlink()  # the final model only
-    model = training.load_model(cfg, final)
-    for split, (r, yy, groups) in (("validate", va), ("test", te)):
-        training.predictions_frame(r, split, groups, yy, training.predict(model, cfg, images, r)
-                                   ).to_parquet(out / f"preds_{split}.parquet")
-
-
 class _Models:
     """The retraining tasks of one grid wave; one model per (finding, seed, stream, kept mask)."""
 
@@ -121,7 +102,7 @@ class _Models:
         tcfg = dataclasses.replace(ps["tcfg"], stream=stream)
         tr = ps["tr"]
         self.tasks.append(grid.Task(
-            f"{finding}/seed{seed}/{name}", "d3m_lib.stages.d3m:retrain",
+            f"{finding}/seed{seed}/{name}", "d3m_lib.training:retrain",
             dict(cfg=tcfg, images=self.images, rows=tr[0][kept], y=tr[1][kept], anchor=ps["anchor"], out_dir=out,
                  va=ps["va"], te=ps["te"], steps=ps["steps"]),
             signature={"kept": h, "steps": ps["steps"], "stream": stream},
