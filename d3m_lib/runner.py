@@ -264,8 +264,13 @@ def plan(cfg: Config, target: RunDir, chosen: Sequence[str], notebooks: Sequence
         elif state == "incomplete":
             reason = "resuming an interrupted stage" if (target.manifest(name) or {}).get(
                 "fingerprint") == fp else "did not finish"
+        elif state == "current" and upstream_changes:
+            reason = "an upstream stage is recomputed"
         elif state == "current":
-            reason = "its notebook changed" if not upstream_changes else "an upstream stage is recomputed"
+            ex = target.executed(name)
+            reason = ("its notebook changed" if ex.exists() and _nb_meta(ex).get("d3m", {}).get("fingerprint") == fp
+                      else "the stage is current but its notebook was not executed into this run folder "
+                           "(it resumes from the stage's files)")
         elif state == "stale":
             reason = "; ".join(dict.fromkeys(target.problems(name)))
         else:
@@ -561,6 +566,12 @@ def _run_locked(cfg, target, chosen, notebooks, params_file, kernel_python, lock
     return target.path
 
 
+def _execute_here(run: RunDir) -> str:
+    """The command that executes a run's notebooks into its own executed/ with its own configuration."""
+    return (f"to execute the notebooks into this run folder (finished stages resume from their files): "
+            f"python -m d3m_lib run {run.config_file} --run-dir {run.path}")
+
+
 def stage_problems(run: RunDir, cfg: Config, notebooks: Sequence[Notebook]) -> list[str]:
     """Why each stage would not belong in this run's book (empty: every stage is current)."""
     fps = expected_fingerprints(cfg)
@@ -578,12 +589,13 @@ def stage_problems(run: RunDir, cfg: Config, notebooks: Sequence[Notebook]) -> l
         elif state == "outdated":
             out.append(f"{name}: outdated ({run.why_outdated(name, cfg)})")
         elif not run.executed(name).exists():
-            out.append(f"{name}: its notebook was not executed into {run.path / 'executed'}")
+            out.append(f"{name}: its notebook was not executed into {run.path / 'executed'} (it ran elsewhere, "
+                       f"e.g. with papermill or in JupyterLab); {_execute_here(run)}")
         elif _exception_flag(run.executed(name)):
             out.append(f"{name}: its executed notebook recorded an exception")
         elif _nb_meta(run.executed(name)).get("d3m", {}).get("fingerprint") != fp:
-            out.append(f"{name}: the executed notebook shows another computation of this stage "
-                       f"(re-run the stage with the runner)")
+            out.append(f"{name}: the executed notebook shows another computation of this stage; "
+                       f"{_execute_here(run)}")
     return out
 
 

@@ -85,6 +85,17 @@ def test_readme_papermill_example_writes_a_fork_and_keeps_the_run(smoke_run, tmp
     proc = papermill("06_per_race.ipynb", tmp_path / "06.ipynb", "-p", "run_dir", str(fork))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f.state("06_per_race") == "current"
+    # issue 23: the fork gets a book by the command the refusal names
+    proc = papermill("07_error_analysis.ipynb", tmp_path / "07.ipynb", "-p", "run_dir", str(fork))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    book = subprocess.run([sys.executable, "-m", "d3m_lib", "book", str(fork)], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    command = f"python -m d3m_lib run {fork / 'config.json'} --run-dir {fork}"
+    assert book.returncode == 1 and command in book.stderr
+    proc = runner(*command.split()[4:])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from d3m_lib.runner import stage_problems, study_notebooks
+    assert stage_problems(f, f.config(), study_notebooks()) == []
 
 
 def test_rerun_into_a_new_folder_recomputes_only_what_a_parameter_shapes(smoke_run):

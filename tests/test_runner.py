@@ -367,3 +367,20 @@ def test_run_json_keeps_every_call_and_the_timings_of_kept_and_linked_stages(tmp
     m = rundir.RunDir(beta2).manifest("03_baseline")
     assert m["linked_from"]["run"] == str(demo) and "linked_from" not in rundir.RunDir(demo).manifest("03_baseline")
     assert os.stat(beta2 / "03_baseline" / "manifest.json").st_ino != os.stat(demo / "03_baseline" / "manifest.json").st_ino
+
+
+def test_a_run_whose_notebooks_ran_elsewhere_gets_a_book_by_the_command_the_message_names(tmp_path, toy_notebooks,
+                                                                                         capsys):
+    """Issue 23: the papermill route (executed copies elsewhere) ends in a book, and the refusal says how."""
+    demo = run(None, run_dir=tmp_path / "demo", notebooks_dir=toy_notebooks)
+    for nb in ("05_d3m", "06_per_race", "07_error_analysis"):    # as if papermill had written them elsewhere
+        (demo / "executed" / f"{nb}.ipynb").unlink()
+    capsys.readouterr()
+    assert main(["book", str(demo), "--notebooks", str(toy_notebooks)]) == 1
+    command = f"python -m d3m_lib run {demo / 'config.json'} --run-dir {demo}"
+    assert f"05_d3m: its notebook was not executed into {demo / 'executed'}" in capsys.readouterr().err
+    assert command in str(pytest.raises(RunnerError, assemble_book, demo, notebooks_dir=toy_notebooks).value)
+    assert main(command.split()[3:] + ["--notebooks", str(toy_notebooks)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("keep     current") == 4 and "not executed into this run folder" in out
+    assert (assemble_book(demo, notebooks_dir=toy_notebooks) / "notebooks" / "07_error_analysis.ipynb").exists()
