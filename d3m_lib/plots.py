@@ -363,9 +363,10 @@ def removed_kept_figure(rk: dict, policy, title: str = ""):
 def removal_curve(curve: pd.DataFrame, chosen: pd.DataFrame | None = None, title: str = ""):
     """Worst-group accuracy against the number of training images removed (stage 05's ``curve``).
 
-    One panel per split (validate, test); one line per method (mean over the curve's
-    seeds, k = 0 is continued ERM); dashed verticals: the k each method chose on
-    validation; dotted grey: the heuristic's count (images with ``A_i < 0``).
+    One panel per split (validate, test); one line per method (mean over every seed,
+    k = 0 is continued ERM); dashed verticals: the k each method chose on validation;
+    dotted grey: the heuristic's count (images with ``A_i < 0``); dash-dotted black: the
+    oracle's count (planted harmful images, synthetic data only).
     """
     splits = [s for s in ("validate", "test") if s in set(curve["split"])]
     fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.2), squeeze=False, sharey=True)
@@ -381,6 +382,8 @@ def removal_curve(curve: pd.DataFrame, chosen: pd.DataFrame | None = None, title
                 if pd.notna(r["k"]) and r["method"] in colors:
                     ax.axvline(r["k"], color=colors[r["method"]], ls="--", lw=0.9)
             ax.axvline(chosen["heuristic_k"].iloc[0], color="grey", ls=":", lw=1.2, label="A_i < 0 count")
+            if "oracle_k" in chosen and pd.notna(chosen["oracle_k"].iloc[0]):
+                ax.axvline(chosen["oracle_k"].iloc[0], color="black", ls="-.", lw=1.0, label="planted (oracle) count")
         ax.set_xlabel("training images removed (k)")
         ax.set_title(f"{split}")
     axes[0][0].set_ylabel("worst-group accuracy")

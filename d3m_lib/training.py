@@ -527,10 +527,11 @@ def retrain(cfg: TrainConfig, images: np.ndarray, rows, y, anchor, out_dir: str 
 
     ``steps`` optimizer steps in ``cfg.stream``; keeps only the final checkpoint and writes
     ``preds_validate.parquet`` and ``preds_test.parquet`` (``va``, ``te``: :func:`task_rows`
-    tuples) into ``out_dir``.
+    tuples) into ``out_dir``. The history holds training losses only: the intermediate
+    checkpoints are not kept, so they are not evaluated.
     """
     out = Path(out_dir)
-    continue_training(cfg, images, rows, y, anchor, out, val=va, progress=False, steps=steps)
+    continue_training(cfg, images, rows, y, anchor, out, val=None, progress=False, steps=steps)
     final = out / f"epoch_{cfg.total_epochs:02d}.pt"
     for f in out.glob("epoch_*.pt"):
         if f != final:
