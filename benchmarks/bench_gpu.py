@@ -72,7 +72,7 @@ ANCHORS = {"train_bf16_b256_img_s": 3992.0, "train_fp32_b256_img_s": 1862.0, "tr
 # through every stage takes minutes on 2 shared CPU cores; --slice-arch resnet50 runs it anyway)
 SIZES = {
     "full": dict(arch="resnet50", slice_arch="resnet50", width=8, slice_px=224, px=224, batches=[64, 256],
-                 steps=10, warmup=3, n_patients=2000,
+                 steps=10, warmup=3, n_patients=2600,
                  epochs_anchor=3, epochs_more=1, trak_proj_dim=2048, trak_batch_size=64, batch_size=64,
                  feat_images=1024, feat_proj_dim=512, n_boot=200, min_group_n=15, cohort_min_group_n=20,
                  cache_workers=8, k_share=0.05),
