@@ -455,9 +455,10 @@ def removed_summary(selections: pd.DataFrame, cohort: pd.DataFrame,
     sel["label"] = labels
     sel["removed"] = ~sel["kept"]
     n_seeds = sel.groupby(["finding", "method"])["seed"].nunique().rename("n_seeds")
+    rep = ["seed", "draw"] if "draw" in sel.columns else ["seed"]   # a control's draws: replicates, averaged
 
     def summarise(keys):
-        t = sel.groupby(["finding", "method", "seed"] + keys).agg(n_train=("row", "size"),
+        t = sel.groupby(["finding", "method", *rep] + keys).agg(n_train=("row", "size"),
                                                                     removed=("removed", "sum"))
         t = t.groupby(["finding", "method"] + keys).agg(n_train=("n_train", "mean"), removed=("removed", "mean"))
         t = t.join(n_seeds).reset_index()
@@ -477,7 +478,7 @@ def removed_summary(selections: pd.DataFrame, cohort: pd.DataFrame,
         gt = ground_truth[["dicom_id", "finding", "kind"]].astype(str).drop_duplicates()
         sel["image_id"] = coh.loc[sel["row"], "image_id"].astype(str).to_numpy()
         recs = []
-        for (f, m, s), g in sel.groupby(["finding", "method", "seed"]):
+        for (f, m, s, *_), g in sel.groupby(["finding", "method", *rep]):
             kinds = gt[gt["finding"] == f]
             for kind in sorted(gt["kind"].unique()):
                 ids = set(kinds.loc[kinds["kind"] == kind, "dicom_id"])

@@ -132,3 +132,12 @@ def test_oracle_refused_on_real_data_with_a_clear_message():
     with pytest.raises(config.ConfigError, match="exist only in synthetic data"):
         config.resolve({"synthetic": False, "dataset": "nih", "nih_dir": ".", "methods": ["d3m", "oracle"]})
     assert "oracle" not in methods.for_data(None, "nih")
+
+
+def test_who_was_removed_averages_a_controls_draws(result):
+    from d3m_lib import analysis
+
+    _, _, cohort, res = result
+    t = analysis.removed_summary(res.selections, cohort).by_finding.set_index("method")
+    n = res.arms.set_index(["method", "draw"])["n_removed"]
+    assert t.loc["random", "removed"] == n.loc[("d3m", 0)] and t.loc["random", "n_train"] == t.loc["d3m", "n_train"]
