@@ -216,11 +216,11 @@ PARAMS: tuple[Param, ...] = (
       choices=("youden", "max_accuracy", "fixed_0.5")),
     # -- statistics ------------------------------------------------------------------
     P("n_boot_descriptive", 2000, "bootstrap replicates of the descriptive intervals of notebooks 02-04 (no "
-      "claim rests on them)", (S02, S03, S04), type="int", check=_range(10)),
+      "claim rests on them)", (S02, S03, S04, S07), type="int", check=_range(10)),
     P("n_boot", 10000, "bootstrap replicates of the comparisons in notebook 06, where claims are made (10,000: "
       "a bound moves by less than 0.005 when only stats_seed changes; tests/test_intervals.py)", (S06,),
       type="int", check=_range(10)),
-    P("ci_level", 0.95, "interval level", STATS, type="float", check=_range(0, 1, True, True)),
+    P("ci_level", 0.95, "interval level", (*STATS, S07), type="float", check=_range(0, 1, True, True)),
     P("stats_seed", 0, "seed of the bootstrap of the comparisons (notebook 06); the descriptive intervals of "
       "notebooks 02-04 use seed 0", (S06,), type="int"),
     P("primary_contrast", ["d3m", "random"], "the pre-specified primary contrast [a, b]: test worst-group "

@@ -103,3 +103,14 @@ def test_ground_truth_found_from_summary_data(result):
     stage.run._write_manifest("01_cohort", m)
     gt = errors.ground_truth(stage.run)
     assert gt is not None and {"label_flip", "shortcut"} <= set(gt["kind"])
+
+
+def test_planted_harm_auroc_of_the_scores_stage_05_used(result):
+    stage, res, _, d = result
+    t = res.score_harm
+    assert t is not None and set(t["score"]) >= {errors.SCORES["score"], errors.SCORES["tau_mean"]}
+    assert "all" in set(t["kind"]) and ((t["lo"] <= t["value"]) & (t["value"] <= t["hi"])).all()
+    assert stage.path("score_harm_auroc.csv").is_file()
+    v = errors.score_harm_view(t)
+    assert len(v) == len(t) and v["AUROC [CI]"].str.contains(r"\[").all()
+    assert "note" in errors.score_harm_view(None).columns

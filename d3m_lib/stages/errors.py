@@ -14,7 +14,7 @@ kept images of each TRAK-driven arm. Sentences come from
 
 Files written in ``07_error_analysis/``: ``targets.csv``, ``influential.csv``,
 ``composition.csv``, ``removed_by_group.csv``, ``removed_by_label.csv``,
-``removed_by_finding.csv``, ``planted_recovery.csv`` (synthetic data),
+``removed_by_finding.csv``, ``planted_recovery.csv`` and ``score_harm_auroc.csv`` (synthetic data),
 ``mean_images_regions.csv`` and ``sentences.json``. Recomputed whole (TRAK
 scoring of a few targets is cheap).
 """
@@ -91,6 +91,7 @@ class Result:
     sentences: dict[str, list[str]] = field(default_factory=dict)
     quotes: dict[str, str] = field(default_factory=dict)
     numbers: dict[str, float] = field(default_factory=dict)
+    score_harm: pd.DataFrame | None = None   # planted-harm AUROC of the scores stage 05 selected with
 
     @property
     def primary(self) -> str:
@@ -113,6 +114,59 @@ def ground_truth(run, override=None) -> pd.DataFrame | None:
     if override or not synthetic or "synthetic_dir" not in summary:
         return planted_ground_truth(run, override)
     return planted_ground_truth(run, run.path / summary["synthetic_dir"] / GROUND_TRUTH_FILE)
+
+
+SCORES = {"score": "A_i (D3M's alignment score)", "auto_score": "Auto-D3M's score",
+          "tau_mean": "equal-weight mean of tau (comparison)"}
+
+
+def score_harm_auroc(alignment: pd.DataFrame, gt: pd.DataFrame | None, cohort: pd.DataFrame, *, n_boot: int,
+                     ci_level: float) -> pd.DataFrame | None:
+    """How well the scores stage 05 *selected with* rank the planted images low, per planted mechanism.
+
+    AUROC of ``-score`` against each planted kind (and all kinds together) for D3M's ``A_i``, Auto-D3M's
+    score, and, as a labelled comparison, the equal-weight mean of ``tau`` over groups; mean over seeds
+    with the interval of that mean (:func:`attribution.harm_ranking_auroc`, patients of the training
+    images). None on real data. Columns: finding, score, kind, value, lo, hi, n, n_planted.
+    """
+    if gt is None:
+        return None
+    coh = cohort.set_index("row")
+    recs = []
+    for f, a in alignment.groupby("finding", sort=False):
+        a = a.sort_values(["seed", "row"], kind="mergesort")
+        seeds = sorted(a["seed"].unique())
+        rows = a.loc[a["seed"] == seeds[0], "row"].to_numpy()
+        ids = coh.loc[rows, "image_id"].astype(str).to_numpy()
+        clusters = coh.loc[rows, "subject_id"].astype(str).to_numpy()
+        g = gt[gt["finding"] == f]
+        taus = [c for c in a.columns if c.startswith("tau_")]
+        a = a.assign(tau_mean=a[taus].mean(axis=1))
+        for kind in ("all", *sorted(g["kind"].unique())):
+            planted = np.isin(ids, (g if kind == "all" else g[g["kind"] == kind])["dicom_id"].astype(str))
+            if not 0 < planted.sum() < len(planted):
+                continue
+            for col, label in SCORES.items():
+                if col not in a.columns:
+                    continue
+                per_seed = [a.loc[a["seed"] == s, col].to_numpy(float) for s in seeds]
+                if any(~np.isfinite(v).all() for v in per_seed):
+                    continue   # e.g. no Auto-D3M in this run
+                r = attribution.harm_ranking_auroc(per_seed, planted, clusters, n_boot=n_boot, ci_level=ci_level)
+                recs.append(dict(finding=f, score=label, kind=kind.replace("_", " "), value=r["value"], lo=r["lo"],
+                                 hi=r["hi"], n=r["n"], n_planted=r["n_planted"]))
+    return pd.DataFrame(recs)
+
+
+def score_harm_view(table: pd.DataFrame | None) -> pd.DataFrame:
+    """Display form of :func:`score_harm_auroc` (or a note on real data)."""
+    if table is None or table.empty:
+        return pd.DataFrame({"note": ["real data (or nothing planted): no planted ground truth to rank"]})
+    return pd.DataFrame({"finding": table["finding"], "score": table["score"], "planted kind": table["kind"],
+                         "AUROC [CI]": [conclusions.interval_text(v, lo, hi) for v, lo, hi in
+                                        zip(table["value"], table["lo"], table["hi"])],
+                         "planted / training images": [f"{int(p)} / {int(n)}" for p, n in
+                                                       zip(table["n_planted"], table["n"])]})
 
 
 def _influential(scores: np.ndarray, train_rows: np.ndarray, targets: pd.DataFrame, cohort: pd.DataFrame,
@@ -227,6 +281,9 @@ def run(stage, progress: bool = False) -> Result:
              for f in tqdm(findings, desc="mean images", disable=not progress) for m in trak_arms
              if ((selections["finding"] == f) & (selections["method"] == m) & ~selections["kept"]).any()}
     res = Result(findings, errs, removed, means, predictions, cohort, images, noun)
+    res.score_harm = score_harm_auroc(pd.read_parquet(d05 / "alignment.parquet"),
+                                      ground_truth(rd, cfg.synthetic_ground_truth), cohort,
+                                      n_boot=cfg.n_boot_descriptive, ci_level=cfg.ci_level)
     res.sentences = {"worst_group": [e.sentence for e in errs.values()],
                      "planted": [s for f in findings for s in _planted_sentences(res.planted, f, head=True)]}
     res.quotes, res.numbers = _quotes(res)
@@ -240,6 +297,8 @@ def run(stage, progress: bool = False) -> Result:
         getattr(removed, name).to_csv(stage.path(f"removed_{name}.csv"), index=False)
     if removed.planted is not None:
         removed.planted.to_csv(stage.path("planted_recovery.csv"), index=False)
+    if res.score_harm is not None:
+        res.score_harm.to_csv(stage.path("score_harm_auroc.csv"), index=False)
     if means:
         pd.concat([m["region_table"].assign(finding=f, method=a, seed=m["seed"]) for (f, a), m in means.items()],
                   ignore_index=True).to_csv(stage.path("mean_images_regions.csv"), index=False)
