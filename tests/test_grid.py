@@ -112,7 +112,14 @@ def ray_session():
     tests = str(Path(__file__).parent)   # local Ray workers inherit it: they import this module's tasks by name
     os.environ["PYTHONPATH"] = os.pathsep.join([tests, before]) if before else tests
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        for attempt in (1, 2):   # under heavy load Ray's node can time out while starting: try once more
+            try:
+                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+                break
+            except Exception:
+                ray.shutdown()
+                if attempt == 2:
+                    raise
         yield ray
     finally:
         ray.shutdown()
