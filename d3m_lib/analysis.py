@@ -81,7 +81,8 @@ class MethodComparison:
 
     def __init__(self, predictions: pd.DataFrame, selections: pd.DataFrame | None = None,
                  cohort: pd.DataFrame | None = None, n_boot: int = 1000,
-                 ci_level: float = 0.95, seed: int = 0, min_group_n: int = 1):
+                 ci_level: float = 0.95, seed: int = 0, min_group_n: int = 1,
+                 n_boot_descriptive: int | None = None):
         _require_columns(predictions, PRED_COLUMNS, "predictions table")
         if not 0 < ci_level < 1:
             raise ValueError(f"ci_level must be in (0, 1), got {ci_level}")
@@ -120,6 +121,7 @@ class MethodComparison:
         self.selections = selections
         self.cohort = cohort
         self.n_boot, self.ci_level, self.seed = int(n_boot), float(ci_level), int(seed)
+        self.n_boot_descriptive = int(n_boot_descriptive or n_boot)
         self.min_group_n = int(min_group_n)
         self._engines: dict = {}
 
@@ -133,9 +135,13 @@ class MethodComparison:
         return list(dict.fromkeys(p["method"]))
 
     # -- the engine of one (finding, split) -----------------------------------------
-    def engine(self, finding: str, split: str = "test") -> GroupMetrics:
-        """The :class:`~d3m_lib.metrics.GroupMetrics` of every (method, seed) model on one finding and split."""
-        key = (finding, split)
+    def engine(self, finding: str, split: str = "test", descriptive: bool = False) -> GroupMetrics:
+        """The :class:`~d3m_lib.metrics.GroupMetrics` of every (method, seed) model on one finding and split.
+
+        ``descriptive``: the engine with ``n_boot_descriptive`` replicates, for tables no claim rests on
+        (per-group AUROC): the same rule, fewer replicates.
+        """
+        key = (finding, split, descriptive)
         if key not in self._engines:
             p = self.predictions
             sub = p[(p["finding"] == finding) & (p["split"] == split)]
@@ -145,7 +151,8 @@ class MethodComparison:
             try:
                 self._engines[key] = GroupMetrics.from_frame(
                     sub, cluster="subject_id" if self.cluster_unit == "patient" else None, model="method",
-                    seed="seed", row="row", draw="draw", n_boot=self.n_boot, ci_level=self.ci_level,
+                    seed="seed", row="row", draw="draw",
+                    n_boot=self.n_boot_descriptive if descriptive else self.n_boot, ci_level=self.ci_level,
                     random_state=[self.seed, _stable_seed(finding, split)], min_group_n=self.min_group_n)
             except ValueError as e:
                 raise ValueError(f"{finding}/{split}: {e}") from e
@@ -163,7 +170,7 @@ class MethodComparison:
 
     # -- per-group metrics ------------------------------------------------------
     def per_group(self, finding: str, split: str = "test", metric: str = "accuracy",
-                  methods: list[str] | None = None) -> pd.DataFrame:
+                  methods: list[str] | None = None, descriptive: bool = False) -> pd.DataFrame:
         """Per group (and Overall) and method: ``metric`` mean over seeds, interval, n.
 
         Columns: finding, split, metric, method, group, value, lo, hi, seed_sd,
@@ -175,7 +182,7 @@ class MethodComparison:
         methods = methods or self.methods(finding)
         for m in methods:
             self._seeds(finding, m, split)
-        t = self.engine(finding, split).table(metric, methods).rename(columns={"model": "method"})
+        t = self.engine(finding, split, descriptive).table(metric, methods).rename(columns={"model": "method"})
         t.insert(0, "split", split)
         t.insert(0, "finding", finding)
         return t[["finding", "split", "metric", "method", "group", "value", "lo", "hi", "seed_sd", "n_seeds",

@@ -216,7 +216,8 @@ PARAMS: tuple[Param, ...] = (
       choices=("youden", "max_accuracy", "fixed_0.5")),
     # -- statistics ------------------------------------------------------------------
     P("n_boot_descriptive", 2000, "bootstrap replicates of the descriptive intervals of notebooks 02-04 (no "
-      "claim rests on them)", (S02, S03, S04, S07), type="int", check=_range(10)),
+      "claim rests on them; also notebook 06's per-group AUROC and notebook 07)", (S02, S03, S04, S06, S07),
+      type="int", check=_range(10)),
     P("n_boot", 10000, "bootstrap replicates of the comparisons in notebook 06, where claims are made (10,000: "
       "a bound moves by less than 0.005 when only stats_seed changes; tests/test_intervals.py)", (S06,),
       type="int", check=_range(10)),

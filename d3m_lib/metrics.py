@@ -84,7 +84,6 @@ import zlib
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 from sklearn.metrics import roc_curve
 
 METRICS = ("accuracy", "auroc", "fpr", "fnr")
@@ -95,6 +94,7 @@ LOWER_IS_BETTER = frozenset({"fpr", "fnr"})
 _TIE_DECIMALS = 12
 DESCRIPTIVE_SEED = 0  # bootstrap seed of the descriptive tables (notebooks 02-04); stats_seed seeds 06
 _CHUNK = 20_000_000  # resample rows x images processed at once (memory bound)
+_AUROC_CHUNK = 4_000_000  # the same for AUROC, which holds a few float arrays of that size
 
 
 # ---------------------------------------------------------------- thresholds
@@ -149,20 +149,33 @@ def _from_confusion(metric: str, tp, fp, tn, fn) -> np.ndarray:
 
 
 def _auroc(y: np.ndarray, prob: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted Mann-Whitney AUROC: P(score_pos > score_neg) + 0.5 P(tie), per row of ``w``."""
+    """Weighted Mann-Whitney AUROC: P(score_pos > score_neg) + 0.5 P(tie), per row of ``w``.
+
+    The images are sorted by score once; tied scores are pooled (``np.add.reduceat``); each row's
+    negatives below a positive come from one cumulative sum. Rows are scored a block at a time.
+    """
     n = len(y)
     if n == 0:
         return np.full(w.shape[0], np.nan)
-    _, inv = np.unique(prob, return_inverse=True)
-    k = int(inv.max()) + 1
-    ind = sparse.csr_matrix((np.ones(n), (np.arange(n), inv)), shape=(n, k))
-    pos = np.asarray((ind.T @ (w * y).T).T)  # B x k weight of positives at each distinct score
-    neg = np.asarray((ind.T @ (w * ~y).T).T)
-    below = np.cumsum(neg, axis=1) - neg
-    num = (pos * (below + 0.5 * neg)).sum(1)
-    den = pos.sum(1) * neg.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+    order = np.argsort(prob, kind="mergesort")
+    ps, ys = prob[order], y[order]
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
+    tied = len(starts) < n
+    out = np.empty(w.shape[0])
+    step = max(1, _AUROC_CHUNK // n)
+    for i in range(0, w.shape[0], step):
+        # float32 holds resample counts and their partial sums exactly (below 2**24); sums in float64
+        ws = np.asarray(w[i:i + step], dtype=np.float32)[:, order]
+        pos, neg = ws * ys, ws * ~ys
+        if tied:
+            pos, neg = np.add.reduceat(pos, starts, axis=1), np.add.reduceat(neg, starts, axis=1)
+        below = np.cumsum(neg, axis=1)
+        below -= 0.5 * neg   # negatives strictly below, plus half the ties
+        num = np.einsum("ij,ij->i", pos, below, dtype=np.float64)
+        den = pos.sum(1, dtype=np.float64) * neg.sum(1, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[i:i + step] = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+    return out
 
 
 def metric_values(metric: str, y, pred, prob, weights=None) -> np.ndarray:

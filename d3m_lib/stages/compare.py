@@ -263,7 +263,8 @@ def run(stage, progress: bool = False) -> Result:
     selections = pd.read_parquet(d05 / "selections.parquet")
     cohort = rd.cohort(columns=["row", "group", "split", "subject_id"])  # patients: the bootstrap unit
     mc = MethodComparison(predictions, selections, cohort, n_boot=cfg.n_boot, ci_level=cfg.ci_level,
-                          seed=cfg.stats_seed, min_group_n=cfg.min_group_n)
+                          seed=cfg.stats_seed, min_group_n=cfg.min_group_n,
+                          n_boot_descriptive=cfg.n_boot_descriptive)
     findings, arms = mc.findings, list(_methods.order(mc.methods()))
     if BASELINE not in arms:
         raise ValueError(f"stage 05 has no '{BASELINE}' predictions: every comparison is against it")
@@ -277,7 +278,7 @@ def run(stage, progress: bool = False) -> Result:
         src.to_csv(stage.path(f"source_{f.replace(' ', '_')}.csv"), index=False)
         source.append(src)
         forest.append(mc.forest_data(f))
-        auroc.append(mc.per_group(f, metric="auroc", methods=list(_methods.order(mc.methods(f)))))
+        auroc.append(mc.per_group(f, metric="auroc", methods=list(_methods.order(mc.methods(f))), descriptive=True))
     wga = mc.worst_group_table()
     contrast = tuple(cfg.primary_contrast)
     pairs = [contrast, *[p for p in analysis.DEFAULT_PAIRS if p != contrast]]

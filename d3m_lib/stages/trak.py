@@ -259,7 +259,8 @@ def run(stage: Stage, progress: bool = False) -> Result:
             flags = planted_flags(cohort, rows, gt, finding)
             clusters = None if clusters_of is None else clusters_of.loc[rows].to_numpy()
             t = harm_table({s: taus[(finding, s)] for s in cfg.seeds}, {s: losses[(finding, s)] for s in cfg.seeds},
-                           flags, clusters, n_boot=cfg.n_boot_descriptive, ci_level=cfg.ci_level, random_state=cfg.trak_seed)
+                           flags, clusters, n_boot=cfg.n_boot_descriptive, ci_level=cfg.ci_level,
+                           random_state=cfg.trak_seed)
             parts.append(t.assign(finding=finding))
         harm = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         harm = harm[["finding", *[c for c in harm.columns if c != "finding"]]] if len(harm) else None
@@ -267,8 +268,8 @@ def run(stage: Stage, progress: bool = False) -> Result:
                      "The synthetic cohort has no planted harmful training image for these findings.")
 
     lds = None
-    lds_note = ("not computed (trak_lds is false); run `python -m d3m_lib run params/lds.yaml --book` to "
-                "compute it")
+    lds_note = ("not computed (trak_lds is false); python -m d3m_lib run params/lds.yaml --book "
+                "computes it")   # no markdown: the book quotes it as plain text
     if cfg.trak_lds:
         lds = linear_datamodeling(stage, scorers[first], cohort, images, *first, n_models=cfg.trak_lds_models,
                                   n_targets=cfg.trak_lds_targets, subset_fraction=cfg.trak_lds_subset_fraction,
