@@ -10,7 +10,16 @@ refused and reported. On every page:
 - no table is wider than the content column unless a box around it scrolls;
 - no error output (tracebacks, error cells) and no script error;
 - the page is in the table of contents (the sidebar of the front page), and
-  every page of ``_toc.yml`` (when given) was built.
+  every page of ``_toc.yml`` (when given) was built;
+- what a reader should not see (issue 23): warnings (``UserWarning: ...`` and
+  stderr outputs), progress bars (tqdm), absolute paths of the build machine
+  (its home, the repository, the run folder, the temporary folder), table cells
+  or code/output blocks whose content is cut off (``scrollWidth`` beyond
+  ``clientWidth``: a ``<pre>`` must wrap, not scroll; a table may scroll inside
+  its own box, but no cell may clip its text), raw ``NaN``/``<NA>`` in tables
+  and outputs, counts written as floats (a column whose every value is like
+  ``27.000``), an empty table header row or column header, literal backticks or
+  ``{{ }}``/``{glue`` template syntax in the rendered text.
 
 A full-page screenshot of each page is kept (and must not be blank). The
 Playwright-driven browser is Debian's ``/usr/bin/chromium`` (Playwright cannot
@@ -113,7 +122,49 @@ _INSPECT = """() => {
   const nav = Array.from(document.querySelectorAll('nav.bd-links a.reference.internal, '
                                                    + '.bd-sidenav a.reference.internal'))
       .map(a => a.href);
-  return {images, tables, text: clone.innerText || '', errors,
+  // issue 23: what a reader should not see
+  const visible = el => el.getClientRects().length > 0 && el.getBoundingClientRect().width > 0;
+  const clipped = [];
+  for (const el of col.querySelectorAll('pre')) {
+    if (!visible(el) || el.closest('mjx-container') || !(el.innerText || '').trim()) continue;  // folded code
+    if (el.scrollWidth > el.clientWidth + 1)
+      clipped.push('a code or output block needs ' + el.scrollWidth + ' px but shows ' + el.clientWidth
+                   + ' px (it scrolls; it must wrap): starts ' + JSON.stringify((el.innerText || '').trim().slice(0, 60)));
+  }
+  const cells = [];
+  const tableInfo = [];
+  for (const t of col.querySelectorAll('table')) {
+    if (t.closest('pre, .highlight') || !visible(t)) continue;
+    for (const c of t.querySelectorAll('td, th')) {
+      if (!visible(c)) continue;
+      if (c.scrollWidth > c.clientWidth + 1)
+        clipped.push('a table cell cuts off its text (' + c.scrollWidth + ' px in ' + c.clientWidth + ' px): '
+                     + JSON.stringify((c.innerText || '').trim().slice(0, 60)));
+    }
+    for (let el = t.parentElement; el && el !== col; el = el.parentElement) {
+      const ox = getComputedStyle(el).overflowX;
+      if ((ox === 'hidden' || ox === 'clip') && el.scrollWidth > el.clientWidth + 1) {
+        clipped.push('a table is cut off by a box that does not scroll: starts '
+                     + JSON.stringify((t.innerText || '').trim().split('\\n')[0].slice(0, 60)));
+        break;
+      }
+    }
+    const headRows = Array.from(t.querySelectorAll('thead tr')).map(r =>
+        Array.from(r.children).map(c => (c.innerText || '').trim()));
+    const body = Array.from(t.querySelectorAll('tbody tr')).map(r =>
+        Array.from(r.children).map(c => (c.innerText || '').trim()));
+    tableInfo.push({head: headRows, body: body.slice(0, 200),
+                    first: (t.innerText || '').trim().split('\\n')[0].slice(0, 60)});
+  }
+  const outputs = Array.from(col.querySelectorAll('.cell_output, div.output'))
+      .filter(visible).map(e => ({text: e.innerText || '',
+                                  stderr: e.matches('.stderr, .output.stderr') || !!e.querySelector('.stderr')}));
+  const pres = Array.from(col.querySelectorAll('.cell_output pre, div.output pre')).filter(visible)
+      .map(e => e.innerText || '');
+  const bodyP = col.querySelector('p');
+  const bodyPx = bodyP ? parseFloat(getComputedStyle(bodyP).fontSize) : 16;
+  return {images, tables, text: clone.innerText || '', errors, clipped, tableInfo, outputs, pres, bodyPx,
+          allText: col.innerText || '',
           math: col.querySelectorAll('mjx-container').length,
           rawMath: col.querySelectorAll('.math:not(:has(mjx-container))').length, nav,
           tracebackText: (col.innerText || '').includes('Traceback (most recent call last)')};
@@ -160,7 +211,8 @@ def _blank(png: Path) -> bool:
     return lo == hi
 
 
-def _inspect_page(page, html_dir: Path, rel: str, shots: Path | None) -> tuple[PageReport, set[str]]:
+def _inspect_page(page, html_dir: Path, rel: str, shots: Path | None,
+                  machine_paths: tuple[str, ...] = ()) -> tuple[PageReport, set[str]]:
     """Load one page, wait for images and math, and collect its problems and its TOC links."""
     rep = PageReport(rel)
     script_errors: list[str] = []
@@ -194,6 +246,7 @@ def _inspect_page(page, html_dir: Path, rel: str, shots: Path | None) -> tuple[P
         rep.problems.append("error output: a Python traceback in the page text")
     for e in script_errors:
         rep.problems.append(f"script error: {e}")
+    rep.problems += reader_problems(info, machine_paths or ())
     if shots is not None:
         shot = shots / (rel.replace("/", "__").removesuffix(".html") + ".png")
         shot.parent.mkdir(parents=True, exist_ok=True)
@@ -213,13 +266,15 @@ def _inspect_page(page, html_dir: Path, rel: str, shots: Path | None) -> tuple[P
 
 def check_book(html_dir: str | Path, *, pages: list[str] | None = None, toc: str | Path | None = None,
                shots: str | Path | None = None, exe: str = CHROMIUM, verbose: bool = True,
-               min_images: dict[str, int] | None = None) -> list[str]:
+               min_images: dict[str, int] | None = None,
+               forbidden_paths: list[str] | None = None) -> list[str]:
     """Problems of a built book, each ``page: problem`` (empty list: every page passes).
 
     ``pages``: pages to open (default: every built page); ``toc``: the book's
     ``_toc.yml``, whose every entry must have been built; ``shots``: folder for
     the screenshots; ``min_images``: ``{page: n}`` pages that must show at least
-    ``n`` loaded images. Raises :class:`BrowserMissing` when it cannot run.
+    ``n`` loaded images; ``forbidden_paths``: absolute paths no page may show (default:
+    :func:`machine_paths`). Raises :class:`BrowserMissing` when it cannot run.
     """
     why = browser_problem(exe)
     if why:
@@ -237,6 +292,7 @@ def check_book(html_dir: str | Path, *, pages: list[str] | None = None, toc: str
         for f in toc_files(Path(toc)):
             if not (html_dir / f"{f}.html").is_file():
                 problems.append(f"{f}.html: listed in _toc.yml but not built")
+    paths = machine_paths(html_dir) if forbidden_paths is None else tuple(forbidden_paths)
     blocked: list[str] = []
     in_nav: set[str] = set()
     reports: dict[str, PageReport] = {}
@@ -259,7 +315,7 @@ def check_book(html_dir: str | Path, *, pages: list[str] | None = None, toc: str
                 page = ctx.new_page()
                 n_blocked = len(blocked)
                 try:
-                    rep, nav = _inspect_page(page, html_dir, rel, shots_dir)
+                    rep, nav = _inspect_page(page, html_dir, rel, shots_dir, paths)
                 except Exception as exc:  # noqa: BLE001 - a page that cannot be opened is the finding
                     rep, nav = PageReport(rel, problems=[f"could not be checked: {type(exc).__name__}: "
                                                          f"{str(exc).splitlines()[0][:200]}"]), set()
@@ -285,6 +341,74 @@ def check_book(html_dir: str | Path, *, pages: list[str] | None = None, toc: str
     else:
         problems.append("index.html: no table of contents found in the sidebar")
     return problems
+
+
+WARNING = re.compile(r"\b(?:[A-Z][A-Za-z]*)?Warning: |warnings\.warn\(")
+PROGRESS = re.compile(r"\d{1,3}%\|[^|\n]{0,80}\||\d+/\d+ \[\d+:\d+(?::\d+)?<|[0-9.]+\s?(?:it|img)/s\]|[\u2588-\u258f]{3,}")
+MISSING = re.compile(r"(?<![\w-])(?:NaN|nan|<NA>|NaT)(?![\w-])")
+FLOAT_COUNT = re.compile(r"^-?[\d,]+\.0+$")
+TEMPLATE = re.compile(r"\{\{|\}\}|\{glue")
+
+
+def machine_paths(html_dir: Path) -> tuple[str, ...]:
+    """Absolute paths of the build machine that no page may show: home, repository, run folder.
+
+    Not the temporary folder as such: the book's own examples may name ``/tmp/x.json``.
+    """
+    html_dir = Path(html_dir).resolve()
+    out = {str(Path.home()), str(Path(__file__).resolve().parent.parent)}
+    if html_dir.name == "html" and html_dir.parent.name == "_build":   # <run>/book/_build/html
+        out.add(str(html_dir.parent.parent.parent))
+    return tuple(sorted(p for p in out if p not in ("/", "")))
+
+
+def reader_problems(info: dict, paths: tuple[str, ...] = ()) -> list[str]:
+    """What a reader should not see, from the page's inspected content (``_INSPECT``)."""
+    out = []
+    for c in info.get("clipped", []):
+        out.append(f"clipped: {c}")
+    for o in info.get("outputs", []):
+        m = WARNING.search(o["text"])
+        if m or o["stderr"]:
+            line = next((ln for ln in o["text"].splitlines() if WARNING.search(ln)), o["text"].strip()[:100])
+            out.append(f"a warning or stderr output is shown: {line.strip()[:140]!r}")
+        m = PROGRESS.search(o["text"])
+        if m:
+            out.append(f"a progress bar is shown: {m.group(0)[:80]!r}")
+    text = info.get("allText", "")
+    for p in paths:
+        i = text.find(p + "/") if text.find(p + "/") >= 0 else text.find(p)
+        if i >= 0 and (i + len(p) == len(text) or not (text[i + len(p)].isalnum() or text[i + len(p)] in "_-.")):
+            out.append(f"an absolute path of the build machine is shown: {text[i:i + 80].splitlines()[0]!r}")
+    for t in info.get("tableInfo", []):
+        cells = [c for row in t["body"] for c in row]
+        bad = sorted({c for c in cells if MISSING.fullmatch(c)})
+        if bad:
+            out.append(f"a table shows raw missing values {bad} (write '–' or explain): starts {t['first']!r}")
+        heads = t["head"]
+        if any(row and all(not c for c in row) for row in heads) or \
+                (len(heads) == 1 and any(not c for c in heads[0][1:])):
+            out.append(f"a table has an empty header: starts {t['first']!r}")
+        ncol = max((len(r) for r in t["body"]), default=0)
+        names = heads[0] if heads else []
+        for j in range(ncol):
+            col = [r[j] for r in t["body"] if j < len(r) and r[j]]
+            if len(col) >= 2 and all(FLOAT_COUNT.match(v) for v in col):
+                name = names[j] if j < len(names) else f"column {j + 1}"
+                out.append(f"counts written as floats in column {name!r} (e.g. {col[0]}): starts {t['first']!r}")
+    for pre in info.get("pres", []):
+        m = MISSING.search(pre)
+        if m:
+            ln = next(x for x in pre.splitlines() if MISSING.search(x))
+            out.append(f"an output shows a raw missing value {m.group(0)!r}: {ln.strip()[:100]!r}")
+    prose = info.get("text", "")
+    if "`" in prose:
+        i = prose.index("`")
+        out.append(f"literal backticks in the text (markdown not rendered): ...{prose[max(0, i - 40):i + 40]!r}...")
+    m = TEMPLATE.search(prose)
+    if m:
+        out.append(f"template syntax left in the text: ...{prose[max(0, m.start() - 40):m.end() + 40]!r}...")
+    return list(dict.fromkeys(out))
 
 
 def _redirect(file: Path) -> bool:

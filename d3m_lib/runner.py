@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -681,7 +682,8 @@ def fold_code(executed: Path, out: Path) -> int:
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        cell.outputs = [o for o in cell.get("outputs", []) if WIDGET_VIEW not in o.get("data", {})]
+        cell.outputs = [o for o in (_for_readers(o) for o in cell.get("outputs", [])
+                                    if WIDGET_VIEW not in o.get("data", {})) if o is not None]
         tags = list(cell.metadata.get("tags", []))
         if any(t.startswith(("hide-", "remove-")) for t in tags):
             continue
@@ -690,6 +692,70 @@ def fold_code(executed: Path, out: Path) -> int:
         folded += 1
     nbformat.write(nb, out)
     return folded
+
+
+def _for_readers(output):
+    """An output as the book shows it (issue 23), or None to drop it.
+
+    Progress bars (tqdm frames on stderr) are dropped: a static page cannot animate them
+    and the executed notebook keeps them. HTML tables write missing values as "–",
+    whole-number columns as integers (``27`` for ``27.000``) and `code` in cells as code.
+    Nothing else is changed: a warning stays and fails the book's check.
+    """
+    from .book_check import PROGRESS
+
+    if output.get("output_type") == "stream" and output.get("name") == "stderr":
+        lines = [ln for ln in str(output.get("text", "")).replace("\r", "\n").split("\n")
+                 if ln.strip() and not PROGRESS.search(ln)]
+        if not lines:
+            return None
+        output["text"] = "\n".join(lines) + "\n"
+        return output
+    data = output.get("data", {})
+    for key in [k for k in data if k.endswith("text/html")]:   # glued tables too (application/papermill.record/)
+        html = "".join(data[key]) if isinstance(data[key], list) else str(data[key])
+        if "<table" in html:
+            data[key] = readable_tables(html)
+    return output
+
+
+_TABLE = re.compile(r"<table\b.*?</table>", re.S)
+_ROW = re.compile(r"(<tr\b[^>]*>)(.*?)(</tr>)", re.S)
+_CELL = re.compile(r"(<(t[dh])\b[^>]*>)(.*?)(</\2>)", re.S)
+_MISSING_CELL = {"NaN", "nan", "&lt;NA&gt;", "<NA>", "NaT", "None"}
+_WHOLE = re.compile(r"^-?[\d,]+\.0+$")
+
+
+def readable_tables(html: str) -> str:
+    """HTML tables with "–" for missing values, integers for whole-number columns, `x` as code."""
+    def table(m):
+        t = m.group(0)
+        cut = t.find("</thead>")
+        head, body = (t[:cut], t[cut:]) if cut >= 0 else ("", t)
+        rows = [[c.group(3).strip() for c in _CELL.finditer(r.group(2))] for r in _ROW.finditer(body)]
+        ncol = max((len(r) for r in rows), default=0)
+        whole = set()
+        for j in range(ncol):
+            vals = [r[j] for r in rows if j < len(r) and r[j] and r[j] not in _MISSING_CELL]
+            if len(vals) >= 2 and all(_WHOLE.match(v) for v in vals):
+                whole.add(j)
+
+        def cell_text(j, v):
+            if v in _MISSING_CELL:
+                return "–"
+            if j in whole and _WHOLE.match(v):
+                return f"{int(round(float(v.replace(',', '')))):,}"
+            return re.sub(r"`([^`<>]+)`", r"<code>\1</code>", v)
+
+        def row(r):
+            cells = iter(range(10 ** 6))
+            inner = _CELL.sub(lambda c: c.group(1) + cell_text(next(cells), c.group(3).strip()) + c.group(4),
+                              r.group(2))
+            return r.group(1) + inner + r.group(3)
+        head = _ROW.sub(lambda r: r.group(1) + re.sub(r"`([^`<>]+)`", r"<code>\1</code>", r.group(2))
+                        + r.group(3), head)
+        return head + _ROW.sub(row, body)
+    return _TABLE.sub(table, html)
 
 
 def _maybe_config(run: RunDir):

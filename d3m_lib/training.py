@@ -619,7 +619,7 @@ def evaluate(model: nn.Module, cfg: TrainConfig, images: np.ndarray, rows, y, gr
 
     y = np.asarray(y, dtype=np.float32).reshape(len(rows), -1)
     logits = predict(model, cfg, images, rows, num_outputs).reshape(len(rows), -1)
-    loss = float(masked_bce(torch.from_numpy(logits), torch.from_numpy(y)))
+    loss = float(masked_bce(torch.tensor(logits), torch.tensor(y)))   # copies: y may be a read-only view
     mask = ~np.isnan(y)
     yl, pl = y[mask].astype(int), (logits[mask] > 0).astype(int)  # prob > 0.5
     acc = metric_value("accuracy", yl, pl) if mask.any() else float("nan")

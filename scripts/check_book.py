@@ -6,7 +6,10 @@
 
 The checks are those of :mod:`d3m_lib.book_check` (images loaded, no raw TeX,
 no table running off the column, no error output, every page in the table of
-contents, offline). Screenshots go to ``screenshots/`` beside ``_build`` unless
+contents, offline; and what a reader should not see: warnings, progress bars,
+absolute paths of this machine, clipped cells or code blocks at 1280 px, raw
+NaN/<NA>, counts written as floats, empty table headers, literal backticks or
+template syntax). Screenshots go to ``screenshots/`` beside ``_build`` unless
 ``--screenshots`` says otherwise. Exit status 0 when every page passes, 1 with
 each problem printed, 2 when Chromium or Playwright is missing.
 """

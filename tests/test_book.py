@@ -65,6 +65,10 @@ def test_check_book_passes_a_good_book_and_names_each_problem(tmp_path, built_ti
     wide = "<table><tr>" + "".join(f"<td>column{i:03d}_wide_value</td>" for i in range(60)) + "</tr></table>"
     page = (page[:body_end] + wide
             + '<div class="output traceback">ZeroDivisionError</div>'
+            + '<pre style="white-space: pre; overflow-x: auto; width: 200px">' + "interval_end " * 40 + '</pre>'
+            + '<table><tr><td style="max-width: 40px; overflow: hidden">AUROC 0.81 [0.75, 0.88]</td></tr></table>'
+            + '<div class="cell_output"><div class="output stderr"><pre>x.py:1: UserWarning: careful</pre></div></div>'
+            + '<p>the `literal` {{ group_noun }}</p>'
             + '<img src="https://example.org/x.png">' + page[body_end:])
     intro.write_text(page)
     for img in (html / "_images").iterdir():
@@ -82,6 +86,11 @@ def test_check_book_passes_a_good_book_and_names_each_problem(tmp_path, built_ti
     assert "PROBLEM book/intro.html: error output" in out
     assert "PROBLEM book/intro.html: requests https://example.org/x.png from the network" in out
     assert "PROBLEM orphan.html: built but missing from the table of contents" in out
+    # issue 23: what a reader should not see
+    assert "PROBLEM book/intro.html: clipped: a code or output block needs" in out
+    assert "PROBLEM book/intro.html: clipped: a table cell cuts off its text" in out
+    assert "PROBLEM book/intro.html: a warning or stderr output is shown" in out
+    assert "PROBLEM book/intro.html: literal backticks" in out and "template syntax left" in out
 
 
 def test_book_copies_fold_code_and_drop_widgets(tmp_path, built_tiny_book):
@@ -174,3 +183,57 @@ def test_glued_images_are_named_as_cross_page_glue_links_them(tmp_path):
         "forest_fig": {"data": {"image/png": base64.b64encode(png).decode(), "text/plain": "<Figure>"}},
         "n_seeds": {"data": {"text/plain": "3"}}}))
     assert glued_images(tmp_path) == {hashlib.sha256(png).hexdigest() + ".png": png}
+
+
+def test_reader_problems_name_what_a_reader_should_not_see():
+    """Issue 23: the page-content rules of the browser check, on what _INSPECT collects (no browser)."""
+    from d3m_lib.book_check import reader_problems
+
+    info = {
+        "clipped": ["a table cell cuts off its text (300 px in 120 px): 'interval'"],
+        "outputs": [{"text": "/home/me/d3m/training.py:621: UserWarning: array not writable", "stderr": True},
+                    {"text": "decoding images (16px): 100%|██████████| 691/691 [00:01<00:00, 500.2img/s]",
+                     "stderr": False}],
+        "allText": "written to /home/me/d3m/runs/demo/01_cohort/unreadable.csv",
+        "tableInfo": [{"head": [["", "", ""]], "body": [["a", "NaN", "27.000"], ["b", "<NA>", "3.000"]],
+                       "first": "a"}],
+        "pres": ["AUROC nan"],
+        "text": "run `python -m d3m_lib` for the {{ group_noun }}",
+    }
+    probs = reader_problems(info, ("/home/me/d3m",))
+    text = "\n".join(probs)
+    for expected in ("clipped: a table cell cuts off", "a warning or stderr output is shown", "a progress bar is shown",
+                     "an absolute path of the build machine is shown: '/home/me/d3m/runs/demo",
+                     "raw missing values ['<NA>', 'NaN']", "an empty header", "counts written as floats in column",
+                     "an output shows a raw missing value 'nan'", "literal backticks", "template syntax left"):
+        assert expected in text, expected
+    clean = {"clipped": [], "outputs": [{"text": "Kept 691 images", "stderr": False}],
+             "allText": "runs/demo/01_cohort/unreadable.csv", "pres": ["AUROC 0.81"], "text": "plain prose",
+             "tableInfo": [{"head": [["group", "n", "share"]], "body": [["a", "27", "0.5"], ["b", "3", "–"]],
+                            "first": "group"}]}
+    assert reader_problems(clean, ("/home/me/d3m",)) == []
+
+
+def test_the_book_copy_drops_progress_bars_and_writes_tables_for_readers(tmp_path):
+    """Issue 23: fold_code drops tqdm frames; tables show '–' for missing values and integers for counts."""
+    from d3m_lib.book_check import reader_problems
+    from d3m_lib.runner import fold_code, readable_tables
+
+    nb = nbformat.v4.new_notebook()
+    table = ("<table><thead><tr><th></th><th>n_removed</th><th>precision</th><th>help</th></tr></thead><tbody>"
+             "<tr><th>0</th><td>27.000</td><td>NaN</td><td>when `findings` is null</td></tr>"
+             "<tr><th>1</th><td>3.000</td><td>0.5</td><td>&lt;NA&gt;</td></tr></tbody></table>")
+    nb.cells.append(nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stderr",
+                               text="decoding images (16px):   0%|          | 0/691 [00:00<?, ?img/s]\r"
+                                    "decoding images (16px): 100%|██████████| 691/691 [00:01<00:00, 500img/s]\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="0%|   | 0/3 [00:00<?]\nUserWarning: kept\n"),
+        nbformat.v4.new_output("display_data", data={"text/html": table, "text/plain": "t"})]))
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    fold_code(tmp_path / "in.ipynb", tmp_path / "out.ipynb")
+    outs = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].outputs
+    assert len(outs) == 2 and outs[0]["text"] == "UserWarning: kept\n"   # a warning is never hidden
+    html = outs[1]["data"]["text/html"]
+    assert "<td>27</td>" in html and "<td>3</td>" in html and "NaN" not in html and "&lt;NA&gt;" not in html
+    assert "<code>findings</code>" in html and "<td>0.5</td>" in html
+    assert readable_tables("<p>no table</p>") == "<p>no table</p>"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +107,11 @@ def run(stage, progress: bool = False) -> Result:
     scan_df.to_csv(stage.path("scan.csv"), index=False)
     stage.path("thresholds.json").write_text(json.dumps(thresholds, indent=2))
     ranking.to_csv(stage.path("ranking.csv"), index=False)   # written first: an error below points to it
-    chosen = scanmod.choose_findings(ranking, findings=cfg.findings, top_k=cfg.scan_top_k)
+    with warnings.catch_warnings(record=True) as caught:   # a chosen finding that is not eligible: said
+        warnings.simplefilter("always")                      # as a note, not a Python warning on the page
+        chosen = scanmod.choose_findings(ranking, findings=cfg.findings, top_k=cfg.scan_top_k)
+    for w in caught:
+        print(f"note: {w.message}")
     stage.path("chosen_findings.json").write_text(json.dumps(chosen))
 
     top = top_finding(ranking)
