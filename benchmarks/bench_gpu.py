@@ -31,6 +31,7 @@ next part still runs.
 
     PYTHONPATH=. python benchmarks/bench_gpu.py --device cuda          # the H100 run of issue 24
     PYTHONPATH=. python benchmarks/bench_gpu.py --device cpu --tiny    # CI sizes (tests/test_bench_gpu.py)
+    bash benchmarks/run_gpu_bench.sh     # on a GPU machine without network: traker, fast_jl for the card, then this
 """
 
 from __future__ import annotations
@@ -449,7 +450,7 @@ def table(res: dict) -> str:
             lines.append(f"note: {n}")
         if m["device"] == "cuda":
             get = {(r["batch"], r["precision"], r["source"]): r.get("img_per_s") for r in a["rows"]}
-            b = max(r["batch"] for r in a["rows"])
+            b = 256   # the batch of the anchors
             for prec, key in (("bf16", "train_bf16_b256_img_s"), ("fp32", "train_fp32_b256_img_s")):
                 v = get.get((b, prec, "in_memory"))
                 if v:
@@ -470,7 +471,7 @@ def table(res: dict) -> str:
         if "factorized_over_train_bf16_b64" in f:
             lines.append(f"  factorized / bf16 training step (batch 64, in memory) = "
                          f"{f['factorized_over_train_bf16_b64']}x (target >= 0.5)")
-        if f["traker_projector"].startswith(("Cuda", "ChunkedCuda")):
+        if f["traker_projector"].startswith(("Cuda", "ChunkedCuda")) and "img_per_s" in f["paths"]["traker"]:
             ref = ANCHORS["traker_cuda_projector_img_s"]
             lines.append(f"  traker with CudaProjector: {f['paths']['traker']['img_per_s'] / ref:.2f}x the anchor "
                          f"{ref:.0f} img/s")
