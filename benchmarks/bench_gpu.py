@@ -375,6 +375,7 @@ def part_slice(a, sz: dict, device: torch.device, work: Path, state: dict, rec: 
     info["extrapolation"] = {
         "LINEAR_EXTRAPOLATION": True, "to_train": TARGET_TRAIN, "to_validate": TARGET_VAL,
         "total_s": round(total, 1), "total_h": round(total / 3600, 2),
+        "image_cache_gib": round((TARGET_TRAIN + TARGET_VAL) * sz["slice_px"] ** 2 / 2 ** 30, 1),  # arithmetic
         "caveat": ("an extrapolation, not a measurement: each stage's time times the ratio of its image "
                    "count, for this slice's configuration (1 finding, 1 seed, the epochs and arms above); "
                    "params/mimic.yaml multiplies the training stages by its findings x seeds and epochs, "
@@ -489,7 +490,8 @@ def table(res: dict) -> str:
         if ex:
             lines.append(f"    extrapolated_s is a LINEAR EXTRAPOLATION to {TARGET_TRAIN:,} training and "
                          f"{TARGET_VAL:,} validation images, not a measurement; total (01, 03-06) "
-                         f"{ex['total_s']:,.0f} s = {ex['total_h']} h")
+                         f"{ex['total_s']:,.0f} s = {ex['total_h']} h; the image cache of those images at "
+                         f"{c['params']['image_size']} px holds {ex.get('image_cache_gib')} GiB (arithmetic)")
     for part in ("training", "featurize", "slice"):
         if res.get(part, {}).get("error"):
             lines.append(f"\n{part} FAILED: {res[part]['error'].splitlines()[-1]}")
