@@ -23,6 +23,11 @@ import numbers
 from typing import Any
 
 import numpy as np
+import pandas as pd
+
+# Every notebook imports this module: the tables it shows keep their whole cell texts (pandas would
+# cut them at 50 characters with "...", which the book's check refuses).
+pd.set_option("display.max_colwidth", None)
 
 
 def _plain(value: Any) -> Any:

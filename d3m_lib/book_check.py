@@ -382,6 +382,9 @@ def reader_problems(info: dict, paths: tuple[str, ...] = ()) -> list[str]:
             out.append(f"an absolute path of the build machine is shown: {text[i:i + 80].splitlines()[0]!r}")
     for t in info.get("tableInfo", []):
         cells = [c for row in t["body"] for c in row]
+        cut = [c for c in cells if c.endswith("...") and len(c) > 20]
+        if cut:
+            out.append(f"a table cell is cut short by pandas ({cut[0][:60]!r}): show the whole text")
         bad = sorted({c for c in cells if MISSING.fullmatch(c)})
         if bad:
             out.append(f"a table shows raw missing values {bad} (write '–' or explain): starts {t['first']!r}")
