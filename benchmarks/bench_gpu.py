@@ -19,7 +19,7 @@ Issue 24. Everything runs through d3m_lib's own code, on the device given:
     training size, then the study's stage functions with one params dict (``config.resolve``,
     ``RunDir``, ``stages.<name>.run``): 01 cohort + image cache, 03 anchor (+ one epoch of
     continued ERM), 04 TRAK over 3 anchor checkpoints, 05 D3M with one retrained arm
-    (plus the removal curve's one point), 06 evaluation. Stage 02 is not run: the finding is
+    (plus the removal curve's models at one share), 06 evaluation. Stage 02 is not run: the finding is
     named. Per stage: wall time, peak host memory (this process and its children, sampled),
     peak GPU memory (``torch.cuda.max_memory_allocated``), and a LINEAR EXTRAPOLATION to
     240,000 training and 20,000 validation images (labelled so in the table and the JSON).
@@ -350,7 +350,7 @@ def part_slice(a, sz: dict, device: torch.device, work: Path, state: dict, rec: 
     stage("04_trak", st_trak.run, f"TRAK over anchor checkpoints {cfg.trak_checkpoints} (factorized, "
                                   f"p = {cfg.trak_proj_dim}), group scores of the validation images")
     res05 = stage("05_d3m", st_d3m.run, "alignment scores, one retrained arm (d3m) and the removal curve's "
-                                        "point (d3m and random at one k)")
+                                        "models at its one share (retrainings_05 continuations in all)")
     stage("06_per_race", st_compare.run, "evaluation: per-group tables, worst-group accuracy, bootstrap")
     curve = res05.curve
     retrainings = len(res05.arms) + (len(curve.loc[curve["k"] > 0, ["method", "k"]].drop_duplicates())
@@ -358,8 +358,7 @@ def part_slice(a, sz: dict, device: torch.device, work: Path, state: dict, rec: 
     info.update(n_patients=sz["n_patients"], cohort_images=n_all,
                 generator={k: v for k, v in gen.items() if not isinstance(v, (dict, list))},
                 n_train=n_train, n_validate=n_val, n_test=n_test, retrainings_05=retrainings,
-                params={k: v for k, v in params.items() if k not in ("mimic_cxr_dir", "mimic_iv_dir")},
-                )
+                params={k: v for k, v in params.items() if k not in ("mimic_cxr_dir", "mimic_iv_dir")})
     # linear extrapolation: each stage scales with the images it mostly works on
     scale = {"01_cohort": (TARGET_TRAIN + TARGET_VAL) / max(n_train + n_val, 1),
              "03_baseline": TARGET_TRAIN / max(n_train, 1), "04_trak": TARGET_TRAIN / max(n_train, 1),
