@@ -131,6 +131,12 @@ def test_run_plans_keeps_and_records(tmp_path, toy_notebooks, capsys):
     before = snapshot(run_dir)
     run(None, run_dir=run_dir, notebooks_dir=toy_notebooks)
     assert capsys.readouterr().out.count("keep     current") == 7
+    # issue 23: run.json keeps the earlier call, and the kept stages keep their timings
+    again = json.loads((run_dir / "run.json").read_text())
+    assert [h["started_at"] for h in again["history"]] == [rec["started_at"]] and "history" not in again["history"][0]
+    assert again["history"][0]["notebooks"] == rec["notebooks"]
+    assert [e["action"] for e in again["notebooks"]] == ["keep"] * 7
+    assert [e["seconds"] for e in again["notebooks"]] == [e["seconds"] for e in rec["notebooks"]]
     assert {p: b for p, b in snapshot(run_dir).items() if p.name != "run.json"} == \
         {p: b for p, b in before.items() if p.name != "run.json"}
 
@@ -149,6 +155,14 @@ def test_a_new_folder_links_the_unchanged_stages(tmp_path, toy_notebooks, capsys
     assert "'d3m_beta': 1.0" in (demo / "05_d3m" / "out.txt").read_text()
     build_ok = rundir.RunDir(beta2)
     assert all(build_ok.state(s) == "current" for s in rundir.STAGES)
+    # issue 23: linked stages say where they came from, in their own manifest and in run.json
+    linked = [e for e in rec["notebooks"] if e["action"] == "link"]
+    first = json.loads((demo / "run.json").read_text())
+    assert len(linked) == 4 and {e["linked_from"] for e in linked} == {str(demo)}
+    assert linked[0]["seconds"] == first["notebooks"][0]["seconds"]
+    assert build_ok.manifest("03_baseline")["linked_from"]["run"] == str(demo)
+    assert "linked_from" not in rundir.RunDir(demo).manifest("03_baseline")
+    assert os.stat(beta2 / "03_baseline" / "manifest.json").st_ino != os.stat(demo / "03_baseline" / "manifest.json").st_ino
 
 
 def test_other_parameters_in_an_existing_folder_need_replace(tmp_path, toy_notebooks, capsys):
@@ -347,26 +361,6 @@ def test_a_read_only_or_full_run_folder_gets_one_line(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and str(target) in err
     assert not target.exists()
-
-
-def test_run_json_keeps_every_call_and_the_timings_of_kept_and_linked_stages(tmp_path, toy_notebooks):
-    """Issue 23: a later runner call appends its record; earlier timings stay; links say where from."""
-    demo = run(None, run_dir=tmp_path / "demo", notebooks_dir=toy_notebooks)
-    first = json.loads((demo / "run.json").read_text())
-    run(None, run_dir=demo, notebooks_dir=toy_notebooks)                 # computes nothing
-    rec = json.loads((demo / "run.json").read_text())
-    assert [h["started_at"] for h in rec["history"]] == [first["started_at"]] and "history" not in rec["history"][0]
-    assert rec["history"][0]["notebooks"] == first["notebooks"]
-    assert [e["action"] for e in rec["notebooks"]] == ["keep"] * 7
-    assert [e["seconds"] for e in rec["notebooks"]] == [e["seconds"] for e in first["notebooks"]]
-    beta2 = run(None, run_dir=tmp_path / "beta2", overrides={"d3m_beta": 2}, notebooks_dir=toy_notebooks)
-    rec = json.loads((beta2 / "run.json").read_text())
-    linked = [e for e in rec["notebooks"] if e["action"] == "link"]
-    assert len(linked) == 4 and {e["linked_from"] for e in linked} == {str(demo)}
-    assert linked[0]["seconds"] == first["notebooks"][0]["seconds"]
-    m = rundir.RunDir(beta2).manifest("03_baseline")
-    assert m["linked_from"]["run"] == str(demo) and "linked_from" not in rundir.RunDir(demo).manifest("03_baseline")
-    assert os.stat(beta2 / "03_baseline" / "manifest.json").st_ino != os.stat(demo / "03_baseline" / "manifest.json").st_ino
 
 
 def test_a_run_whose_notebooks_ran_elsewhere_gets_a_book_by_the_command_the_message_names(tmp_path, toy_notebooks,
