@@ -157,12 +157,31 @@ def placeholder(note: str, figsize=(6, 1.2)):
     return fig
 
 
+# The book's body text and content column at 1280 px (what d3m_lib.book_check measures): image-grid
+# captions are drawn so that, scaled into that column, they are at least as large as the text.
+BOOK_BODY_PX = 16
+BOOK_COLUMN_PX = 690
+MAX_GRID_COLS = 6
+
+
+def caption_points(width_in: float, dpi: float | None = None) -> float:
+    """Font size (pt) whose glyphs show at ``BOOK_BODY_PX`` once a ``width_in`` inch figure is fitted
+    into the book's column (shrunk when wider than it, as the browser does)."""
+    dpi = float(dpi or plt.rcParams["figure.dpi"])
+    scale = min(1.0, BOOK_COLUMN_PX / (width_in * dpi))
+    return BOOK_BODY_PX * 72.0 / (dpi * scale)
+
+
 def image_grid(images, captions, policy, ncols: int = 8, title: str = "", cell: float = 1.3):
     """Images in a grid with a caption under each; a placeholder if the policy forbids images.
 
     ``images``: sequence of 2-D uint8 arrays; ``captions``: one string each
-    (e.g. label, group, score).
+    (e.g. label, group, score). At most ``MAX_GRID_COLS`` columns; captions are as large
+    as the book's body text once the figure is fitted into its column (issue 23), wrapped
+    to the width of their image.
     """
+    import textwrap
+
     if not policy.may_show_images():
         return placeholder(f"{title + ': ' if title else ''}images hidden: credentialed data "
                            f"({len(captions)} images; set publish_images to show them)")
@@ -171,16 +190,22 @@ def image_grid(images, captions, policy, ncols: int = 8, title: str = "", cell: 
         raise ValueError(f"image_grid: {n} images but {len(captions)} captions")
     if n == 0:
         return placeholder(f"{title + ': ' if title else ''}no images to show")
-    ncols = min(ncols, n)
+    ncols = min(ncols, n, MAX_GRID_COLS)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + 0.4), squeeze=False)
+    fs = caption_points(cell * ncols) * 1.1          # a margin for the tight bounding box
+    per_line = max(6, int(cell * 72 / (0.6 * fs)))   # characters that fit under one image
+    caps = ["\n".join(textwrap.fill(part, per_line) or " " for part in str(c).split("\n")) for c in captions]
+    lines = max(c.count("\n") + 1 for c in caps)
+    cap_in = lines * fs * 1.35 / 72
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, nrows * (cell + cap_in) + (0.5 if title else 0.1)),
+                             squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, im, cap in zip(axes.ravel(), images, captions):
+    for ax, im, cap in zip(axes.ravel(), images, caps):
         ax.imshow(np.asarray(im), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(cap, fontsize=6)
+        ax.set_title(cap, fontsize=fs)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle("\n".join(textwrap.wrap(title, max(20, int(cell * ncols * 72 / (0.6 * fs))))), fontsize=fs)
     fig.tight_layout()
     return fig
 

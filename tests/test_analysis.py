@@ -110,9 +110,10 @@ def _fake_trak(run, cohort, finding, seed):
     from d3m_lib import attribution, image_cache, models
 
     ck = run.path / "03_baseline" / finding.replace(" ", "_") / f"seed{seed}" / "epoch_05.pt"
-    ck.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    torch.save(models.build_model("resnet9", num_outputs=1, width=4).state_dict(), ck)
+    if not ck.exists():   # written while stage 03 is open (build_fake_run): a finished stage's files stay put
+        ck.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        torch.save(models.build_model("resnet9", num_outputs=1, width=4).state_dict(), ck)
     images = image_cache.open_cache(run.path / "01_cohort" / "image_cache", FAKE_PX)
     cfg = SimpleNamespace(arch="resnet9", width=4, image_size=FAKE_PX, norm_mean=0.0, norm_std=1.0)
     sc = attribution.baseline_scorer(run.path, finding, seed, cohort, images, cfg, [5], proj_dim=16,
@@ -148,8 +149,17 @@ def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True) -> dict:
                        "kind": np.where(np.arange(30) % 2 == 0, "shortcut", "label_flip"),
                        "finding": np.where(np.arange(30) % 3 == 0, "No Finding", "Cardiomegaly")})
     gt.to_csv(data.parent / "planted_ground_truth.csv.gz", index=False)
-    for name in ("02_scan", "03_baseline"):  # empty upstream stages: 04 and 05 require them
-        run.begin(name, cfg).finish()
+    run.begin("02_scan", cfg).finish()   # (nearly) empty upstream stages: 04 and 05 require them
+    st = run.begin("03_baseline", cfg)
+    if with_trak:   # the anchor checkpoints TRAK reads, inside stage 03 before it finishes (content hashes)
+        import torch
+
+        from d3m_lib import models
+        for f in FAKE_FINDINGS:
+            torch.manual_seed(FAKE_SEEDS[0])
+            torch.save(models.build_model("resnet9", num_outputs=1, width=4).state_dict(),
+                       st.path(f.replace(" ", "_"), f"seed{FAKE_SEEDS[0]}", "epoch_05.pt"))
+    st.finish()
     st = run.begin("04_trak", cfg)
     if with_trak:
         for f in FAKE_FINDINGS:

@@ -239,3 +239,28 @@ def test_the_book_copy_drops_progress_bars_and_writes_tables_for_readers(tmp_pat
     assert "<td>27</td>" in html and "<td>3</td>" in html and "NaN" not in html and "&lt;NA&gt;" not in html
     assert "<code>findings</code>" in html and "<td>0.5</td>" in html
     assert readable_tables("<p>no table</p>") == "<p>no table</p>"
+
+
+@pytest.mark.parametrize("n, ncols, cell", [(12, 12, 1.3), (8, 4, 1.3), (4, 4, 2.0), (3, 8, 1.3)])
+def test_image_grid_captions_are_as_large_as_the_body_text(n, ncols, cell):
+    """Issue 23: captions of image grids, fitted into the book's column, are at least the body text's size."""
+    import io
+
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    from d3m_lib import plots
+    from d3m_lib.privacy import Policy
+
+    matplotlib.use("Agg")
+    fig = plots.image_grid([np.zeros((8, 8), np.uint8)] * n, ["Black or African American\ntest"] * n, Policy(False),
+                           ncols=ncols, title="Examples as the models see them (16 px)", cell=cell)
+    buf = io.BytesIO()
+    dpi = matplotlib.rcParams["figure.dpi"]
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=dpi)   # as the notebook's inline backend does
+    width_px = Image.open(io.BytesIO(buf.getvalue())).size[0]
+    shown = min(1.0, plots.BOOK_COLUMN_PX / width_px)
+    fs = fig.axes[0].title.get_fontsize()
+    assert fs * dpi / 72 * shown >= plots.BOOK_BODY_PX
+    assert len(fig.axes) <= plots.MAX_GRID_COLS * int(np.ceil(n / min(ncols, plots.MAX_GRID_COLS)))
