@@ -189,13 +189,15 @@ PARAMS: tuple[Param, ...] = (
     P("device", "auto", "auto, cpu or cuda", TRAIN, kind="view", choices=("auto", "cpu", "cuda")),
     # -- the training grid (d3m_lib.grid): how fast, never what -------------------------------
     P("grid_workers", None, "trainings run at once (null: one per GPU on CUDA, else one per "
-      "grid_threads_per_worker CPU cores, at most 8; 1: in this process)", (S03, S04, S05), kind="view",
+      "grid_threads_per_worker CPU cores (one per core by default), at most 8; 1: in this process)",
+      (S03, S04, S05), kind="view",
       type="int", nullable=True, check=_range(1)),
     P("grid_backend", "local", "local (worker processes on this machine) or ray (the cluster at ray_address, "
       "one task per GPU or per grid_cpus_per_task CPUs)", (S03, S04, S05), kind="view",
       choices=("local", "ray")),
-    P("grid_threads_per_worker", 1, "torch threads of each training (every worker, and this process with one "
-      "worker)", (S03, S04, S05), kind="view", type="int", check=_range(1)),
+    P("grid_threads_per_worker", None, "torch threads of each training (every worker, and this process with one "
+      "worker); null: 1 on the CPU, the CPU cores shared among the workers on CUDA", (S03, S04, S05), kind="view",
+      type="int", nullable=True, check=_range(1)),
     P("grid_cpus_per_task", 1.0, "CPUs a Ray task asks for (ray backend)", (S03, S04, S05), kind="view",
       type="float", check=_range(0, lo_open=True)),
     P("max_retries", 1, "times a failed training is tried again before the stage stops", (S03, S04, S05),

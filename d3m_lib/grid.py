@@ -172,9 +172,13 @@ class Settings:
         from .training import resolve_device
 
         gpu = resolve_device(v.get("device", "auto")).type == "cuda"
-        threads = int(v.get("grid_threads_per_worker") or 1)
+        threads = v.get("grid_threads_per_worker")
         workers = v.get("grid_workers")
-        return cls(workers=int(workers) if workers else auto_workers(threads, gpu),
+        workers = int(workers) if workers else auto_workers(int(threads or 1), gpu)
+        if not threads:   # CPU: one thread per training; CUDA: the cores shared among the workers (data loading)
+            threads = max(1, _cpus() // workers) if gpu else 1
+        threads = int(threads)
+        return cls(workers=workers,
                    backend=v.get("grid_backend", "local"), threads=threads,
                    cpus_per_task=float(v.get("grid_cpus_per_task") or 1),
                    max_retries=int(v.get("max_retries", 1)), ray_address=v.get("ray_address"), gpu=gpu)
@@ -186,8 +190,11 @@ def auto_workers(threads: int = 1, gpu: bool = False) -> int:
         import torch
 
         return max(1, torch.cuda.device_count())
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(AUTO_MAX_WORKERS, cpus // max(1, threads)))
+    return max(1, min(AUTO_MAX_WORKERS, _cpus() // max(1, threads)))
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # -- the executor --------------------------------------------------------------------------------

@@ -59,6 +59,18 @@ def _grid(workers: int, backend: str = "local", retries: int = 1, stage=None) ->
 
 
 # -- the executor ------------------------------------------------------------------------------------
+def test_settings_from_the_configuration(monkeypatch):
+    monkeypatch.setattr(grid, "_cpus", lambda: 2)
+    s = Settings.from_config(config.resolve({"device": "cpu"}))
+    assert (s.workers, s.threads, s.backend, s.max_retries) == (2, 1, "local", 1)   # this machine: 2 x 1
+    s = Settings.from_config(config.resolve({"device": "cpu", "grid_threads_per_worker": 2}))
+    assert (s.workers, s.threads) == (1, 2)
+    s = Settings.from_config(config.resolve({"device": "cpu", "grid_workers": 3, "grid_backend": "ray",
+                                             "ray_address": "auto", "max_retries": 0}))
+    assert (s.workers, s.threads, s.backend, s.ray_address, s.max_retries) == (3, 1, "ray", "auto", 0)
+
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_results_come_back_in_submission_order_with_the_thread_count(workers, tmp_path):
     tasks = [Task(f"t{i}", "test_grid:square", dict(x=i, sleep=0.2 if i == 0 else 0.0)) for i in range(5)]
