@@ -136,8 +136,23 @@ def write_fake_cohort_stage(run: RunDir, cfg, root: Path, px: int, rng) -> tuple
     return cohort, data
 
 
-def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True) -> dict:
-    """Write a fake run folder under ``root``; returns paths and tables."""
+def restamp(run_dir, name: str) -> None:
+    """Record again the file hashes of a finished stage whose files a test edited on purpose."""
+    from d3m_lib import rundir
+
+    run = RunDir(run_dir)
+    m = run.manifest(name)
+    m["files"] = rundir.snapshot_files(run.stage_dir(name))
+    m["content"] = rundir.content_hash(m["files"])
+    run._write_manifest(name, m)
+
+
+def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True, trak_seeds: tuple = ()) -> dict:
+    """Write a fake run folder under ``root``; returns paths and tables.
+
+    ``trak_seeds``: training seeds with a TRAK state (default: the first of ``FAKE_SEEDS``).
+    """
+    trak_seeds = tuple(trak_seeds) or (FAKE_SEEDS[0],)
     rng = np.random.default_rng(seed)
     run = RunDir(root / "run")
     cfg = config.resolve({"image_size": FAKE_PX, "width": 4, "min_group_n": 5, "n_boot": 50,
@@ -156,14 +171,17 @@ def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True) -> dict:
 
         from d3m_lib import models
         for f in FAKE_FINDINGS:
-            torch.manual_seed(FAKE_SEEDS[0])
-            torch.save(models.build_model("resnet9", num_outputs=1, width=4).state_dict(),
-                       st.path(f.replace(" ", "_"), f"seed{FAKE_SEEDS[0]}", "epoch_05.pt"))
+            for s in trak_seeds:
+                torch.manual_seed(s)
+                torch.save(models.build_model("resnet9", num_outputs=1, width=4).state_dict(),
+                           st.path(f.replace(" ", "_"), f"seed{s}", "epoch_05.pt"))
     st.finish()
     st = run.begin("04_trak", cfg)
     if with_trak:
         for f in FAKE_FINDINGS:
             _fake_trak(run, cohort, f, FAKE_SEEDS[0])
+        for s in trak_seeds[1:]:   # further seeds: the first finding only
+            _fake_trak(run, cohort, FAKE_FINDINGS[0], s)
     st.finish()
     st = run.begin("05_d3m", cfg)
     preds = _fake_predictions(cohort, rng)

@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from test_analysis import FAKE_FINDINGS, _fake_trak, build_fake_run
+from test_analysis import FAKE_FINDINGS, build_fake_run
 
 from d3m_lib import attribution, plots
 from d3m_lib.privacy import Policy
@@ -21,9 +21,9 @@ def _digest(folder):
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    d = build_fake_run(tmp_path_factory.mktemp("err"), with_trak=True)
+    # a second seed, another random model (written with stage 04, whose files are hashed when it finishes)
+    d = build_fake_run(tmp_path_factory.mktemp("err"), with_trak=True, trak_seeds=(0, 1))
     stage = open_stage("07_error_analysis", d["run_dir"])
-    _fake_trak(stage.run, d["cohort"], FAKE_FINDINGS[0], 1)   # a second seed, another random model
     before = _digest(stage.run.stage_dir("04_trak"))
     res = errors.run(stage)
     return stage, res, before, d
