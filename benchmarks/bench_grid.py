@@ -9,6 +9,8 @@ in this process (:func:`d3m_lib.stages.d3m.run`, the call notebook 05 makes) wit
 (scores, Auto-D3M, reading predictions) keeps torch's default threads in every
 configuration. Prints seconds and the ratio to the first configuration, checks that the
 two 1-thread configurations wrote byte-identical predictions, and writes JSON.
+``--slice N`` times only N of stage 05's trainings (random 10% removals of the first
+finding, through the grid) under each configuration: the same comparison in minutes.
 
     PYTHONPATH=. python benchmarks/bench_grid.py --out benchmarks/results/grid.json
     PYTHONPATH=. python benchmarks/bench_grid.py --run runs/demo      # reuse a demo run's stages 01-04
@@ -28,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ((1, 2), (1, 1), (2, 1))   # (grid_workers, grid_threads_per_worker); the first is the reference
+CONFIGS = ((1, 2), (2, 1), (1, 1))   # (grid_workers, grid_threads_per_worker); the first is the reference
 
 
 def prepare(params: str, run_dir: Path, from_run: Path | None) -> None:
@@ -112,12 +114,51 @@ def mimic_budget(params: str = "params/mimic.yaml", n_train: int = 240_000, find
     return rows + [total]
 
 
+def retrain_slice(run_dir: Path, n_tasks: int, workers: int, threads: int) -> dict:
+    """``n_tasks`` of stage 05's trainings (random kept masks at 10% removal, first finding, seeds in
+    turn, continued ERM's step budget) through the grid with this configuration; seconds."""
+    import numpy as np
+
+    from d3m_lib import grid, training
+    from d3m_lib.rundir import RunDir
+
+    run = RunDir(run_dir)
+    cfg = run.config()
+    cohort = run.cohort()
+    images = run.images(cohort["row"])
+    finding = run.findings()[0]
+    tr, va, te = (training.task_rows(cohort, finding, s) for s in ("train", "validate", "test"))
+    out = Path(tempfile.mkdtemp(prefix="bench-grid-slice-"))
+    tasks = []
+    for i in range(n_tasks):
+        seed = cfg.seeds[i % len(cfg.seeds)]
+        tcfg = training.TrainConfig.from_params(cfg.values, seed=seed, device="cpu")
+        kept = np.random.default_rng(i).random(len(tr[0])) >= 0.1
+        anchor = run.model_dir("03_baseline", finding, seed) / f"epoch_{cfg.epochs_anchor:02d}.pt"
+        tasks.append(grid.Task(f"t{i}", "d3m_lib.training:retrain",
+                               dict(cfg=tcfg, images=images, rows=tr[0][kept], y=tr[1][kept], anchor=anchor,
+                                    out_dir=out / f"t{i}", va=va, te=te,
+                                    steps=training.continuation_steps(tcfg, len(tr[0])))))
+    t0 = time.perf_counter()
+    grid.run_tasks(tasks, settings=grid.Settings(workers=workers, threads=threads))
+    seconds = time.perf_counter() - t0
+    digest = hashlib.sha256(b"".join((out / f"t{i}" / "preds_test.parquet").read_bytes()
+                                     for i in range(n_tasks))).hexdigest()
+    shutil.rmtree(out)
+    return {"workers": workers, "threads": threads, "seconds": round(seconds, 1), "tasks": n_tasks,
+            "predictions_sha256": digest}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params/demo.yaml")
     ap.add_argument("--run", type=Path, help="a run folder with stages 01-04 finished (stage 05 is recomputed)")
     ap.add_argument("--from-run", type=Path, help="copy stages 01-04 from this run into a new folder")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    ap.add_argument("--configs", default=",".join(f"{w}x{t}" for w, t in CONFIGS),
+                    help="workers x threads to time, in this order (ratios are to the first)")
+    ap.add_argument("--slice", type=int, default=0, help="time only this many of stage 05's trainings "
+                    "(random 10%% removals, through the grid) instead of the whole stage")
     ap.add_argument("--mimic-budget", action="store_true", help="only print the MIMIC budget on paper "
                     "(params/mimic.yaml at the cited H100 throughput) and exit")
     a = ap.parse_args(argv)
@@ -132,20 +173,28 @@ def main(argv=None) -> dict:
         run_dir = Path(tempfile.mkdtemp(prefix="bench-grid-")) / "run"
         prepare(a.params, run_dir, a.from_run)
     rows = []
-    for workers, threads in CONFIGS:
+    for workers, threads in (tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")):
         load = os.getloadavg()[0]
-        r = stage05(run_dir, workers, threads)
+        r = retrain_slice(run_dir, a.slice, workers, threads) if a.slice else stage05(run_dir, workers, threads)
         r["load_before"] = round(load, 2)
         rows.append(r)
-        print(f"stage 05, {workers} worker(s) x {threads} thread(s): {r['seconds']:.1f} s "
+        if a.out:   # what has finished so far
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps({"configs": rows, "partial": True}, indent=2))
+        print(f"{'slice' if a.slice else 'stage 05'}, {workers} worker(s) x {threads} thread(s): {r['seconds']:.1f} s "
               f"({r['tasks']} tasks; load average before: {load:.2f})", flush=True)
     ref = rows[0]["seconds"]
     for r in rows:
         r["speedup_vs_first"] = round(ref / r["seconds"], 2)
-    same = rows[1]["predictions_sha256"] == rows[2]["predictions_sha256"]
+    one = {(r["workers"], r["threads"]): r["predictions_sha256"] for r in rows}
+    same = one.get((1, 1)) == one.get((2, 1))
     print("\n".join(f"{r['workers']} x {r['threads']}: {r['seconds']:7.1f} s   x{r['speedup_vs_first']:.2f}"
                     for r in rows))
-    print(f"1 worker x 1 thread and 2 workers x 1 thread wrote {'identical' if same else 'DIFFERENT'} predictions")
+    if (1, 1) in one and (2, 1) in one:
+        print(f"1 worker x 1 thread and 2 workers x 1 thread wrote {'identical' if same else 'DIFFERENT'} "
+              "predictions")
+    else:
+        same = None
     out = {"configs": rows, "identical_1x1_2x1": same, "run": str(run_dir), "cpus": os.cpu_count(),
            "machine": platform.machine(), "python": platform.python_version()}
     if a.out:
