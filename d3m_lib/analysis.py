@@ -225,10 +225,13 @@ class MethodComparison:
             removed = pd.Series(0.0, index=n_train.index)
         else:
             rem = ms[~ms["kept"].astype(bool)]
-            per_seed = (pd.DataFrame({"seed": rem["seed"].to_numpy(),
+            rep = ["seed", "draw"] if "draw" in ms.columns else ["seed"]   # a control's draws are replicates
+            models = ms[rep].drop_duplicates().sort_values(rep)
+            models = pd.MultiIndex.from_frame(models) if len(rep) > 1 else pd.Index(models["seed"], name="seed")
+            per_seed = (pd.DataFrame({**{k: rem[k].to_numpy() for k in rep},
                                       "group": groups.loc[rem["row"]].to_numpy()})
-                        .groupby(["seed", "group"]).size().unstack(fill_value=0)
-                        .reindex(index=sorted(ms["seed"].unique()), columns=n_train.index, fill_value=0))
+                        .groupby([*rep, "group"]).size().unstack(fill_value=0)
+                        .reindex(index=models, columns=n_train.index, fill_value=0))
             removed = per_seed.mean(axis=0)
         out = pd.DataFrame({"n_train": n_train, "removed": removed.reindex(n_train.index).fillna(0.0)})
         out.loc[OVERALL] = [out["n_train"].sum(), out["removed"].sum()]

@@ -141,3 +141,13 @@ def test_who_was_removed_averages_a_controls_draws(result):
     t = analysis.removed_summary(res.selections, cohort).by_finding.set_index("method")
     n = res.arms.set_index(["method", "draw"])["n_removed"]
     assert t.loc["random", "removed"] == n.loc[("d3m", 0)] and t.loc["random", "n_train"] == t.loc["d3m", "n_train"]
+
+
+def test_train_counts_average_a_controls_draws(result):
+    from d3m_lib import analysis
+
+    _, _, cohort, res = result
+    mc = analysis.MethodComparison(res.predictions, res.selections, cohort, n_boot=10)
+    overall = {m: mc.train_counts(FINDING, m).set_index("group").loc[analysis.OVERALL, "removed"]
+               for m in ("d3m", "random")}
+    assert overall["random"] == overall["d3m"] == res.chosen_k.set_index("method").loc["d3m", "k"]
