@@ -129,7 +129,8 @@ _INSPECT = """() => {
     if (!visible(el) || el.closest('mjx-container') || !(el.innerText || '').trim()) continue;  // folded code
     if (el.scrollWidth > el.clientWidth + 1)
       clipped.push('a code or output block needs ' + el.scrollWidth + ' px but shows ' + el.clientWidth
-                   + ' px (it scrolls; it must wrap): starts ' + JSON.stringify((el.innerText || '').trim().slice(0, 60)));
+                   + ' px (it scrolls; it must wrap): starts '
+                   + JSON.stringify((el.innerText || '').trim().slice(0, 60)));
   }
   const cells = [];
   const tableInfo = [];
@@ -344,7 +345,8 @@ def check_book(html_dir: str | Path, *, pages: list[str] | None = None, toc: str
 
 
 WARNING = re.compile(r"\b(?:[A-Z][A-Za-z]*)?Warning: |warnings\.warn\(")
-PROGRESS = re.compile(r"\d{1,3}%\|[^|\n]{0,80}\||\d+/\d+ \[\d+:\d+(?::\d+)?<|[0-9.]+\s?(?:it|img)/s\]|[\u2588-\u258f]{3,}")
+PROGRESS = re.compile(r"\d{1,3}%\|[^|\n]{0,80}\||\d+/\d+ \[\d+:\d+(?::\d+)?<"
+                      r"|[0-9.]+\s?(?:it|img)/s\]|[\u2588-\u258f]{3,}")
 MISSING = re.compile(r"(?<![\w-])(?:NaN|nan|<NA>|NaT)(?![\w-])")
 FLOAT_COUNT = re.compile(r"^-?[\d,]+\.0+$")
 TEMPLATE = re.compile(r"\{\{|\}\}|\{glue")

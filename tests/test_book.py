@@ -218,7 +218,6 @@ def test_reader_problems_name_what_a_reader_should_not_see():
 
 def test_the_book_copy_drops_progress_bars_and_writes_tables_for_readers(tmp_path):
     """Issue 23: fold_code drops tqdm frames; tables show '–' for missing values and integers for counts."""
-    from d3m_lib.book_check import reader_problems
     from d3m_lib.runner import fold_code, readable_tables
 
     nb = nbformat.v4.new_notebook()

@@ -162,7 +162,8 @@ def test_a_new_folder_links_the_unchanged_stages(tmp_path, toy_notebooks, capsys
     assert linked[0]["seconds"] == first["notebooks"][0]["seconds"]
     assert build_ok.manifest("03_baseline")["linked_from"]["run"] == str(demo)
     assert "linked_from" not in rundir.RunDir(demo).manifest("03_baseline")
-    assert os.stat(beta2 / "03_baseline" / "manifest.json").st_ino != os.stat(demo / "03_baseline" / "manifest.json").st_ino
+    own = os.stat(beta2 / "03_baseline" / "manifest.json").st_ino
+    assert own != os.stat(demo / "03_baseline" / "manifest.json").st_ino
 
 
 def test_other_parameters_in_an_existing_folder_need_replace(tmp_path, toy_notebooks, capsys):
