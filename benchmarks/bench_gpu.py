@@ -29,7 +29,7 @@ and the same table as text beside it. The JSON is rewritten after every part, so
 stopped by a time limit keeps what it finished. Each part's failure is recorded and the
 next part still runs.
 
-    PYTHONPATH=. python benchmarks/bench_gpu.py --device cuda          # the H100 run of issue 24
+    PYTHONPATH=. python benchmarks/bench_gpu.py --device cuda          # the H100 run
     PYTHONPATH=. python benchmarks/bench_gpu.py --device cpu --tiny    # CI sizes (tests/test_bench_gpu.py)
     bash benchmarks/run_gpu_bench.sh     # on a GPU machine without network: traker, fast_jl for the card, then this
 """
@@ -68,7 +68,7 @@ FINDING = "Pleural Effusion"
 TARGET_TRAIN, TARGET_VAL = 240_000, 20_000   # the MIMIC scale the slice is extrapolated to
 ANCHORS = {"train_bf16_b256_img_s": 3992.0, "train_fp32_b256_img_s": 1862.0, "traker_cuda_projector_img_s": 203.0}
 
-# full: the figures of issue 24 on a GPU; tiny: CPU/CI sizes (the numbers mean nothing)
+# full: the GPU figures; tiny: CPU/CI sizes (the numbers mean nothing)
 # (--tiny runs ResNet-50 in (a) only: the slice and (b) use a width-4 ResNet-9 at 16 px, because ResNet-50
 # through every stage takes minutes on 2 shared CPU cores; --slice-arch resnet50 runs it anyway)
 SIZES = {

@@ -11,7 +11,7 @@ refused and reported. On every page:
 - no error output (tracebacks, error cells) and no script error;
 - the page is in the table of contents (the sidebar of the front page), and
   every page of ``_toc.yml`` (when given) was built;
-- what a reader should not see (issue 23): warnings (``UserWarning: ...`` and
+- what a reader should not see: warnings (``UserWarning: ...`` and
   stderr outputs), progress bars (tqdm), absolute paths of the build machine
   (its home, the repository, the run folder, the temporary folder), table cells
   or code/output blocks whose content is cut off (``scrollWidth`` beyond
@@ -122,7 +122,7 @@ _INSPECT = """() => {
   const nav = Array.from(document.querySelectorAll('nav.bd-links a.reference.internal, '
                                                    + '.bd-sidenav a.reference.internal'))
       .map(a => a.href);
-  // issue 23: what a reader should not see
+  // what a reader should not see
   const visible = el => el.getClientRects().length > 0 && el.getBoundingClientRect().width > 0;
   const clipped = [];
   for (const el of col.querySelectorAll('pre')) {

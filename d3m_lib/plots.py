@@ -177,7 +177,7 @@ def image_grid(images, captions, policy, ncols: int = 8, title: str = "", cell: 
 
     ``images``: sequence of 2-D uint8 arrays; ``captions``: one string each
     (e.g. label, group, score). At most ``MAX_GRID_COLS`` columns; captions are as large
-    as the book's body text once the figure is fitted into its column (issue 23), wrapped
+    as the book's body text once the figure is fitted into its column, wrapped
     to the width of their image.
     """
     import textwrap

@@ -695,7 +695,7 @@ def fold_code(executed: Path, out: Path) -> int:
 
 
 def _for_readers(output):
-    """An output as the book shows it (issue 23), or None to drop it.
+    """An output as the book shows it, or None to drop it.
 
     Progress bars (tqdm frames on stderr) are dropped: a static page cannot animate them
     and the executed notebook keeps them. HTML tables write missing values as "–",

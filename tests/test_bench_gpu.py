@@ -1,4 +1,4 @@
-"""benchmarks/bench_gpu.py runs end to end on the CPU at --tiny sizes (the CI form of issue 24's GPU script).
+"""benchmarks/bench_gpu.py runs end to end on the CPU at --tiny sizes (the CI form of the GPU script).
 
 One subprocess (about a minute on 2 cores): (a) ResNet-50 training steps from memory and from a
 memmap, (c) the synthetic slice through stages 01 and 03-06, (b) both featurizers on the slice's

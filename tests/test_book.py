@@ -86,7 +86,7 @@ def test_check_book_passes_a_good_book_and_names_each_problem(tmp_path, built_ti
     assert "PROBLEM book/intro.html: error output" in out
     assert "PROBLEM book/intro.html: requests https://example.org/x.png from the network" in out
     assert "PROBLEM orphan.html: built but missing from the table of contents" in out
-    # issue 23: what a reader should not see
+    # what a reader should not see
     assert "PROBLEM book/intro.html: clipped: a code or output block needs" in out
     assert "PROBLEM book/intro.html: clipped: a table cell cuts off its text" in out
     assert "PROBLEM book/intro.html: a warning or stderr output is shown" in out

@@ -274,7 +274,7 @@ def test_summaries(tmp_path):
     assert p.loc[("No Finding", "Unknown"), "n"] == 1
 
 
-# -- damaged inputs: one thing broken per case (issue 13) ---------------------------
+# -- damaged inputs: one thing broken per case ------------------------------------
 
 import gzip  # noqa: E402
 
@@ -571,7 +571,7 @@ def test_patient_without_patients_row_is_counted(tmp_path):
     assert any(n.startswith("patients.csv.gz: 1 of 5 kept patients have no row") for n in res.notes)
 
 
-# -- issue 23: causes named before their consequences ---------------------------------
+# -- causes named before their consequences ---------------------------------
 
 def test_unknown_view_positions_are_counted_and_warned_about(tmp_path):
     images = IMAGES + [("d12", "10000001", "50000001", "1", "train", True), ("d13", "10000001", "50000001", "1",

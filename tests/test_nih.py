@@ -139,7 +139,7 @@ def test_label_map_and_bands():
         age_band_labels((60, 40))
 
 
-# -- damaged inputs (issue 13) ---------------------------------------------------------
+# -- damaged inputs ------------------------------------------------------------------
 
 from d3m_lib.cohort import InputError  # noqa: E402
 

@@ -85,7 +85,7 @@ def test_readme_papermill_example_writes_a_fork_and_keeps_the_run(smoke_run, tmp
     proc = papermill("06_per_race.ipynb", tmp_path / "06.ipynb", "-p", "run_dir", str(fork))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f.state("06_per_race") == "current"
-    # issue 23: the fork gets a book by the command the refusal names
+    # the fork gets a book by the command the refusal names
     proc = papermill("07_error_analysis.ipynb", tmp_path / "07.ipynb", "-p", "run_dir", str(fork))
     assert proc.returncode == 0, proc.stderr[-3000:]
     book = subprocess.run([sys.executable, "-m", "d3m_lib", "book", str(fork)], cwd=REPO_ROOT,

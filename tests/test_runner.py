@@ -131,7 +131,7 @@ def test_run_plans_keeps_and_records(tmp_path, toy_notebooks, capsys):
     before = snapshot(run_dir)
     run(None, run_dir=run_dir, notebooks_dir=toy_notebooks)
     assert capsys.readouterr().out.count("keep     current") == 7
-    # issue 23: run.json keeps the earlier call, and the kept stages keep their timings
+    # run.json keeps the earlier call, and the kept stages keep their timings
     again = json.loads((run_dir / "run.json").read_text())
     assert [h["started_at"] for h in again["history"]] == [rec["started_at"]] and "history" not in again["history"][0]
     assert again["history"][0]["notebooks"] == rec["notebooks"]
@@ -155,7 +155,7 @@ def test_a_new_folder_links_the_unchanged_stages(tmp_path, toy_notebooks, capsys
     assert "'d3m_beta': 1.0" in (demo / "05_d3m" / "out.txt").read_text()
     build_ok = rundir.RunDir(beta2)
     assert all(build_ok.state(s) == "current" for s in rundir.STAGES)
-    # issue 23: linked stages say where they came from, in their own manifest and in run.json
+    # linked stages say where they came from, in their own manifest and in run.json
     linked = [e for e in rec["notebooks"] if e["action"] == "link"]
     first = json.loads((demo / "run.json").read_text())
     assert len(linked) == 4 and {e["linked_from"] for e in linked} == {str(demo)}

@@ -8,7 +8,7 @@ workers, then scores the validation groups' means ``tau(g)_i`` (``tau.parquet`` 
 ``04_trak/<finding>/seed<s>/``; index: cohort row of the training image, one column
 per group).
 
-Attribution quality, replacing the self-influence check (issue 11 item 8):
+Attribution quality (it replaces a self-influence check):
 
 * **planted harm** (synthetic cohorts only): AUROC of ``-score`` against the planted
   harmful training images of the finding (``planted_ground_truth.csv.gz``), for each
