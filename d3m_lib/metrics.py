@@ -456,6 +456,7 @@ class GroupMetrics:
         self.counts = counts.astype(int)
         self.eligible = [g for g in self.groups if self.counts.loc[g, "n"] >= self.min_group_n]
         self._w = None
+        self._wg: dict = {}
         self._cache: dict = {}
 
     @classmethod
@@ -495,6 +496,17 @@ class GroupMetrics:
             self._w = cluster_bootstrap_weights(self.group, self.cluster, self.n_boot, self.random_state)
         return self._w
 
+    def _group_weights(self, g: str) -> np.ndarray:
+        """(1 + n_boot) x images of group ``g``: row 0 ones (the point), then the resample weights; built once
+        per engine (every model, seed and metric reuses it)."""
+        if g not in self._wg:
+            m = self._masks[g]
+            w = np.ones((1 + self.n_boot, int(m.sum())))
+            if self.n_boot:
+                w[1:] = self.weights[:, m]
+            self._wg[g] = w
+        return self._wg[g]
+
     def draws(self, model: str, seed: int) -> list[int]:
         d = sorted(dr for m, s, dr in self._models if m == model and s == seed)
         if not d:
@@ -523,10 +535,7 @@ class GroupMetrics:
             out = np.full((len(self.groups) + 1, 1 + self.n_boot), np.nan)
             for i, g in enumerate([*self.groups, ALL]):
                 m = self._masks[g]
-                w = np.ones((1, int(m.sum())))
-                if self.n_boot:
-                    w = np.vstack([w, self.weights[:, m]])
-                out[i] = metric_values(metric, self.y[m], pred[m], prob[m], w)
+                out[i] = metric_values(metric, self.y[m], pred[m], prob[m], self._group_weights(g))
             self._cache[key] = out
         return self._cache[key]
 
