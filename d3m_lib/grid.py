@@ -362,12 +362,7 @@ class Grid:
                                                         attempts[i])
                     continue
                 except Exception as exc:   # noqa: BLE001
-                    err = "".join(traceback.format_exception(exc))
-                    if attempts[i] > self.s.max_retries:
-                        failure = failure or TaskFailed(tasks[i].key, err, attempts[i])
-                    else:
-                        self._say(f"task {tasks[i].key} failed (attempt {attempts[i]}), retrying:\n{err}")
-                        queue.insert(0, i)
+                    failure = self._retry_or_fail(tasks, i, exc, attempts, queue, failure)
                     continue
                 self._finish(tasks, i, results, value, time.time() - t0, attempts[i])
             if broken:
@@ -383,6 +378,15 @@ class Grid:
                 queue.sort()
         if failure is not None:
             raise failure
+
+    def _retry_or_fail(self, tasks, i, exc, attempts, queue, failure):
+        """Task ``i`` raised ``exc``: queue it again, or (retries spent) keep the first failure to raise."""
+        err = "".join(traceback.format_exception(exc))
+        if attempts[i] > self.s.max_retries:
+            return failure or TaskFailed(tasks[i].key, err, attempts[i])
+        self._say(f"task {tasks[i].key} failed (attempt {attempts[i]}), retrying:\n{err}")
+        queue.insert(0, i)
+        return failure
 
     def _deps_done(self, tasks, i, results) -> bool:
         if not tasks[i].after:
@@ -422,12 +426,7 @@ class Grid:
             try:
                 value = ray.get(ready[0])
             except Exception as exc:   # noqa: BLE001 - a task error or a dead worker
-                err = "".join(traceback.format_exception(exc))
-                if attempts[i] > self.s.max_retries:
-                    failure = failure or TaskFailed(tasks[i].key, err, attempts[i])
-                else:
-                    self._say(f"task {tasks[i].key} failed (attempt {attempts[i]}), retrying:\n{err}")
-                    queue.insert(0, i)
+                failure = self._retry_or_fail(tasks, i, exc, attempts, queue, failure)
                 continue
             self._finish(tasks, i, results, value, time.time() - t0, attempts[i])
         if failure is not None:
