@@ -1,6 +1,6 @@
 """The GPU path in one script: training step, TRAK featurizing, and a MIMIC-shaped slice end to end.
 
-Issue 24. Everything runs through d3m_lib's own code, on the device given:
+Everything runs through d3m_lib's own code, on the device given:
 
 (a) **training step**: images/s of ``training._sgd_step`` (the step every training call
     takes: autocast, channels_last on CUDA, masked BCE, SGD) with the model and optimizer

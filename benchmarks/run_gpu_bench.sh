@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 24 on a GPU machine without network access (such as a lent H100): install the
+# The GPU benchmark on a GPU machine without network access (such as a lent H100): install the
 # carried source packages, build fast_jl for this card, run bench_gpu.py; JSON, table and
 # log land in $OUT (or benchmarks/results/ where OUT is unset).
 #

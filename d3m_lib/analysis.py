@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from . import methods as _methods
+from .constants import PLANTED_KINDS
 from .metrics import ALL as OVERALL  # the overall row is named as in metrics.group_metrics
 from .metrics import AVAILABLE_METRICS, GroupMetrics, metric_values, pick_worst
 
@@ -490,7 +491,7 @@ def removed_summary(selections: pd.DataFrame, cohort: pd.DataFrame,
         recs = []
         for (f, m, s, *_), g in sel.groupby(["finding", "method", *rep]):
             kinds = gt[gt["finding"] == f]
-            for kind in sorted(gt["kind"].unique()):
+            for kind in sorted(set(gt["kind"]) | set(PLANTED_KINDS)):   # a kind a scenario does not plant: 0 rows
                 ids = set(kinds.loc[kinds["kind"] == kind, "dicom_id"])
                 is_pl = g["image_id"].isin(ids).to_numpy()
                 rem = g["removed"].to_numpy()

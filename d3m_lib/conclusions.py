@@ -217,6 +217,8 @@ def planted_sentence(method: str, kind: str, precision: float, precision_min: fl
     lm, k = _methods.label(method), kind.replace("_", " ")
     if not math.isfinite(precision):
         return f"{head}{lm} removed no image, so its precision for {k} images is undefined."
+    if not base_rate > 0:
+        return f"{head}{lm} removed no {k} image: this cohort plants none."
     rng = (f" (seeds {precision_min:.3f} to {precision_max:.3f})" if n_seeds > 1 else "")
     lm = lm if head else lm[:1].upper() + lm[1:]
     s = (f"{head}{lm}'s removals were {k} images at a rate of {precision:.3f}{rng}, against a base rate of "

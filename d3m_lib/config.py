@@ -308,6 +308,8 @@ PATH_PARAMS = tuple(p.name for p in PARAMS if p.type == "path")
 def _check_type(p: Param, v: Any) -> tuple[Any, str | None]:
     """``(value, None)`` or ``(v, what is wrong)``; ints are accepted where floats are."""
     if v is None:
+        if not p.nullable and p.choices and "null" in p.choices:
+            return "null", None   # YAML reads an unquoted `null` as None; here it can only mean the choice
         return v, None if p.nullable else "must not be null"
     t = p.type
     if t == "int":

@@ -32,3 +32,7 @@ RACE_GROUPS = (
 SPLITS = ("train", "validate", "test")
 
 FRONTAL_VIEWS = ("PA", "AP")
+
+# The synthetic cohort's removable planted harms (the kinds of its ground-truth file); a scenario
+# may plant none of a kind, and the tables then show it with 0 planted images.
+PLANTED_KINDS = ("label_flip", "shortcut")

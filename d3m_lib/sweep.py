@@ -30,8 +30,9 @@ import numpy as np
 import pandas as pd
 
 from . import conclusions, synthetic
+from .constants import PLANTED_KINDS
 
-MECHANISMS = ("label_flip", "shortcut")
+MECHANISMS = PLANTED_KINDS
 
 
 def _row(paired: pd.DataFrame, finding: str, a: str, b: str) -> dict:

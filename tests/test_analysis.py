@@ -392,6 +392,19 @@ def test_removed_summary_counts_and_precision_recall():
     assert pl.loc["shortcut", "base_rate"] == pytest.approx(2 / 30)
 
 
+def test_removed_summary_when_a_scenario_plants_nothing():
+    """The `null` scenario's ground truth is empty: every kind gets a row with 0 planted images."""
+    preds, sel, cohort = _constructed()
+    empty = pd.DataFrame({"dicom_id": [], "finding": [], "kind": []})
+    pl = removed_summary(sel, cohort, empty).planted
+    assert set(pl["kind"]) == {"label_flip", "shortcut"}
+    assert (pl["n_planted"] == 0).all() and (pl["base_rate"] == 0).all()
+    assert (pl["precision"] == 0).all() and pl["recall"].isna().all()
+    flips_only = pd.DataFrame({"dicom_id": ["img000000"], "finding": ["F"], "kind": ["label_flip"]})
+    pl = removed_summary(sel, cohort, flips_only).planted.set_index("kind")
+    assert pl.loc["shortcut", "n_planted"] == 0 and pl.loc["label_flip", "n_planted"] == 1
+
+
 def test_patients_from_the_cohort_and_paired_table(fake_run):
     preds, cohort = fake_run["predictions"], fake_run["cohort"]
     mc = MethodComparison(preds, cohort=cohort[["row", "group", "split", "subject_id"]], n_boot=100)

@@ -186,7 +186,7 @@ def test_glued_images_are_named_as_cross_page_glue_links_them(tmp_path):
 
 
 def test_reader_problems_name_what_a_reader_should_not_see():
-    """Issue 23: the page-content rules of the browser check, on what _INSPECT collects (no browser)."""
+    """The page-content rules of the browser check, on what _INSPECT collects (no browser)."""
     from d3m_lib.book_check import reader_problems
 
     info = {
@@ -217,7 +217,7 @@ def test_reader_problems_name_what_a_reader_should_not_see():
 
 
 def test_the_book_copy_drops_progress_bars_and_writes_tables_for_readers(tmp_path):
-    """Issue 23: fold_code drops tqdm frames; tables show '–' for missing values and integers for counts."""
+    """fold_code drops tqdm frames; tables show '–' for missing values and integers for counts."""
     from d3m_lib.runner import fold_code, readable_tables
 
     nb = nbformat.v4.new_notebook()
@@ -242,7 +242,7 @@ def test_the_book_copy_drops_progress_bars_and_writes_tables_for_readers(tmp_pat
 
 @pytest.mark.parametrize("n, ncols, cell", [(12, 12, 1.3), (8, 4, 1.3), (4, 4, 2.0), (3, 8, 1.3)])
 def test_image_grid_captions_are_as_large_as_the_body_text(n, ncols, cell):
-    """Issue 23: captions of image grids, fitted into the book's column, are at least the body text's size."""
+    """Captions of image grids, fitted into the book's column, are at least the body text's size."""
     import io
 
     import matplotlib

@@ -86,6 +86,7 @@ def test_planted_sentence_claims_enrichment_only_in_every_seed():
     assert s.startswith("Random's") and "no enrichment is claimed" in s and "exceeds" not in s
     assert "below the base rate" in c.planted_sentence("random", "shortcut", 0.01, 0.0, 0.02, 0.05, 0.1, 1)
     assert "undefined" in c.planted_sentence("d3m", "shortcut", math.nan, math.nan, math.nan, 0.05, 0.0, 2)
+    assert "plants none" in c.planted_sentence("d3m", "shortcut", 0.0, 0.0, 0.0, 0.0, math.nan, 3)
 
 
 def test_removal_sentence():

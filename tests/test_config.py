@@ -126,6 +126,15 @@ def test_diff_and_for_stage():
 
 
 def test_a_parameter_given_twice_with_p_is_refused():
-    """Issue 23: a repeated -p NAME=... was silently the last one."""
+    """A repeated -p NAME=... was silently the last one."""
     with pytest.raises(ConfigError, match=r"-p lr is given twice \(lr=0.1 and 'lr=0.2'\); give it once"):
         config.parse_overrides(["lr=0.1", "seeds=[0]", "lr=0.2"])
+
+
+def test_the_null_scenario_survives_yaml():
+    """YAML reads an unquoted `null` as None: for a parameter that cannot be null but has the choice
+    'null' it means that choice, from a params file or from -p."""
+    assert resolve(config.parse_overrides(["synthetic_scenario=null"])).synthetic_scenario == "null"
+    assert resolve({"synthetic_scenario": "flips_only"}).synthetic_scenario == "flips_only"
+    with pytest.raises(ConfigError, match="seeds"):
+        resolve({"seeds": None})

@@ -139,7 +139,7 @@ def test_open_cache_rows_checked(tmp_path):
 
 
 def test_failed_rows_are_decoded_again_and_a_restored_file_fixes_the_cache(tmp_path, capsys):
-    """Issue 23: following "restore these files" works; a changed file is decoded again."""
+    """Following "restore these files" works; a changed file is decoded again."""
     paths = constant_pngs(tmp_path / "img", [10, 20, 30, 40])
     good = paths[1].read_bytes()
     paths[1].write_bytes(b"\xff\xd8\xff not really a jpeg")

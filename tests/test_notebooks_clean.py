@@ -23,7 +23,7 @@ def test_notebook_has_no_outputs(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_markdown_has_no_book_only_template_syntax(path):
-    """Issue 23: JupyterLab shows a notebook's markdown as written: no {{ substitution }} of the book."""
+    """JupyterLab shows a notebook's markdown as written: no {{ substitution }} of the book."""
     nb = nbformat.read(path, as_version=4)
     raw = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "{{" in c.source]
     assert not raw, f"{path.name}: markdown cells {raw} use {{{{ ... }}}}, which only the book substitutes"

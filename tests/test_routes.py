@@ -159,7 +159,7 @@ def test_a_killed_run_is_recorded_as_interrupted_and_resumes(smoke_run):
 
 
 def test_an_edited_headline_table_is_refused_by_status_require_and_book(smoke_run, tmp_path):
-    """Issue 23, bad case 1 on the real artifacts: D3M's row of wga_change.csv set to 0.40 [0.30, 0.50]."""
+    """On the real artifacts: D3M's row of wga_change.csv set to 0.40 [0.30, 0.50]."""
     import pandas as pd
 
     from d3m_lib.__main__ import main

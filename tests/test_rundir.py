@@ -255,7 +255,7 @@ def test_step_log_lives_in_the_manifest_and_survives_a_resume_only(tmp_path, mon
 
 
 def test_an_edited_artifact_is_refused_naming_the_file(tmp_path):
-    """Issue 23: a finished stage's files are hashed; an edit is named by require, a touch is not."""
+    """A finished stage's files are hashed; an edit is named by require, a touch is not."""
     run_dir = tmp_path / "run"
     finish_all(run_dir)
     run = RunDir(run_dir)

@@ -283,7 +283,7 @@ def test_credentialed_run_fails_when_a_notebook_shows_identifiers(tmp_path, toy_
 
 def test_an_edited_artifact_is_refused_by_status_and_book_and_recomputed_by_a_rerun(tmp_path, toy_notebooks,
                                                                                     capsys):
-    """Issue 23, bad case 1: an edited 06_per_race/wga_change.csv is named, never published as current."""
+    """An edited 06_per_race/wga_change.csv is named, never published as current."""
     run_dir = run(None, run_dir=tmp_path / "demo", notebooks_dir=toy_notebooks)
     f = run_dir / "06_per_race" / "wga_change.csv"
     f.write_text(f.read_text().replace("0.052,-0.01,0.11", "0.40,0.30,0.50"))
@@ -303,7 +303,7 @@ def test_an_edited_artifact_is_refused_by_status_and_book_and_recomputed_by_a_re
 
 
 def test_changed_inputs_recompute_from_stage_01(tmp_path, toy_notebooks, monkeypatch, capsys):
-    """Issue 23, bad case 2: an input changed after stage 01 -> status says so, the rerun recomputes 01."""
+    """An input changed after stage 01 -> status says so, the rerun recomputes 01."""
     labels = tmp_path / "data" / "chexpert.csv"
     labels.parent.mkdir()
     labels.write_text("study,Edema\n1,1\n2,0\n")
@@ -324,7 +324,7 @@ def test_changed_inputs_recompute_from_stage_01(tmp_path, toy_notebooks, monkeyp
 
 
 def test_trak_proj_dim_is_checked_against_the_cohort_before_later_stages(tmp_path, toy_notebooks, monkeypatch):
-    """Issue 23: trak_proj_dim above the training set is refused once stage 01 is known, not at stage 04."""
+    """trak_proj_dim above the training set is refused once stage 01 is known, not at stage 04."""
     monkeypatch.setenv("TOY_TRAIN", "50")
     with pytest.raises(RunnerError, match=r"'trak_proj_dim' = 64: must be below the number of training images, "
                                           r"and this run's cohort \(stage 01\) has 50 in train.*-p trak_proj_dim=12"):
@@ -334,7 +334,7 @@ def test_trak_proj_dim_is_checked_against_the_cohort_before_later_stages(tmp_pat
 
 
 def test_a_read_only_or_full_run_folder_gets_one_line(tmp_path, monkeypatch, capsys):
-    """Issue 23: no traceback for a run folder that cannot be written."""
+    """No traceback for a run folder that cannot be written."""
     import errno
     import shutil as sh
     from collections import namedtuple
@@ -366,7 +366,7 @@ def test_a_read_only_or_full_run_folder_gets_one_line(tmp_path, monkeypatch, cap
 
 def test_a_run_whose_notebooks_ran_elsewhere_gets_a_book_by_the_command_the_message_names(tmp_path, toy_notebooks,
                                                                                          capsys):
-    """Issue 23: the papermill route (executed copies elsewhere) ends in a book, and the refusal says how."""
+    """The papermill route (executed copies elsewhere) ends in a book, and the refusal says how."""
     demo = run(None, run_dir=tmp_path / "demo", notebooks_dir=toy_notebooks)
     for nb in ("05_d3m", "06_per_race", "07_error_analysis"):    # as if papermill had written them elsewhere
         (demo / "executed" / f"{nb}.ipynb").unlink()

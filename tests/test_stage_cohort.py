@@ -116,7 +116,7 @@ def _external_data(tmp_path):
 
 
 def test_restoring_unreadable_files_as_the_error_says_fixes_the_run(tmp_path):
-    """Issue 23: the image cache decodes failed rows again, so a byte-exact restore is enough."""
+    """The image cache decodes failed rows again, so a byte-exact restore is enough."""
     cxr, where = _external_data(tmp_path)
     run_dir = tmp_path / "run"
     first = _run(run_dir, **where)
@@ -134,7 +134,7 @@ def test_restoring_unreadable_files_as_the_error_says_fixes_the_run(tmp_path):
 
 
 def test_changed_inputs_are_named_and_a_rerun_recomputes_stage_01(tmp_path):
-    """Issue 23: half the CheXpert rows and 20 JPEGs deleted after stage 01 -> refused, then recomputed."""
+    """Half the CheXpert rows and 20 JPEGs deleted after stage 01 -> refused, then recomputed."""
     cxr, where = _external_data(tmp_path)
     run_dir = tmp_path / "run"
     first = _run(run_dir, **where)
