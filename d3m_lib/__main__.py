@@ -66,8 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--run-root", default="runs/sweep", help="folder of the per-scenario run folders")
     sw.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                     help="override one parameter of every run (read as YAML)")
-    sw.add_argument("--null-seeds-per-study", type=int, default=3,
-                    help="seeds per sub-study for the null scenario's claim rate")
+    sw.add_argument("--null-seeds", type=int, default=0,
+                    help="also run the null scenario with this many seeds (0, 1, ...; into <run-root>/null-claims) "
+                         "and take the claim rate over its sub-studies of the design's seed count (default: "
+                         "the null run's own seeds)")
 
     d = sub.add_parser("demo-data", help="write a synthetic MIMIC-CXR-JPG + MIMIC-IV copy",
                        description="Write a synthetic cohort in MIMIC's file layout, with planted "
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
             record = sweep.run_sweep(args.params, [s for s in args.scenarios.split(",") if s],
                                      args.run_root, parse_overrides(args.param),
-                                     null_seeds_per_study=args.null_seeds_per_study)
+                                     null_seeds=args.null_seeds)
             print(sweep.display_table(pd.DataFrame(record["table"])).to_string(index=False))
             if "null_claim_rate" in record:
                 c = record["null_claim_rate"]

@@ -672,10 +672,10 @@ def harm_ranking_auroc(scores_by_seed: Sequence[np.ndarray], planted, clusters=N
     Interval as in :mod:`d3m_lib.metrics`: a patient-level bootstrap of the
     training images (``clusters``: their patient ids; None: each image its own),
     the same resamples for every seed; point = mean over seeds, interval = the
-    two-level bootstrap of that mean (:func:`metrics.seed_mean_replicates`).
+    interval of that mean (:func:`metrics.seed_mean_interval`).
     Returns ``value, lo, hi, seed_values, n, n_planted``.
     """
-    from .metrics import _interval, cluster_bootstrap_weights, metric_values, seed_mean_replicates
+    from .metrics import cluster_bootstrap_weights, metric_values, seed_mean_interval
 
     planted = np.asarray(planted, dtype=bool)
     n = len(planted)
@@ -694,7 +694,8 @@ def harm_ranking_auroc(scores_by_seed: Sequence[np.ndarray], planted, clusters=N
             raise ValueError(f"{len(s)} scores but {n} planted flags")
         reps.append(metric_values("auroc", planted, None, -s, w))
     reps = np.array(reps)
-    lo, hi = _interval(seed_mean_replicates(reps, random_state), ci_level) if n_boot else (np.nan, np.nan)
+    ci = seed_mean_interval(reps, ci_level, random_state=random_state) if n_boot else dict(lo=np.nan, hi=np.nan)
+    lo, hi = ci["lo"], ci["hi"]
     return dict(value=float(reps[:, 0].mean()), lo=lo, hi=hi, seed_values=reps[:, 0].tolist(),
                 n=int(n), n_planted=int(planted.sum()))
 

@@ -12,7 +12,9 @@ Its variance has two parts:
   held fixed).
 
 ``Var(mean) ~ s_b^2 / S + s_w^2``. The minimum detectable effect at power ``1 - β``
-with a two-sided test at level ``α`` is ``(z_{1-α/2} + z_{1-β}) sqrt(s_b^2 / S + s_w^2)``;
+with a two-sided test at level ``α`` is ``(t_{1-α/2} + t_{1-β}) sqrt(s_b^2 / S + s_w^2)``, with
+the interval's Welch–Satterthwaite degrees of freedom (:func:`d3m_lib.metrics.mean_df`: S − 1
+when seeds dominate, so few seeds cost more than the normal formula says);
 a test set ``m`` times larger (``m`` times the patients of every group) divides
 ``s_w^2`` by ``m``. The two-level interval of :mod:`d3m_lib.metrics` has the same
 two parts, so a run whose minimum detectable effect is below the true effect
@@ -30,6 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
+from scipy.stats import t as student_t
+
+from .metrics import mean_df
 
 FACTORS = (1, 2, 4, 8)   # test-set sizes a plan considers, as multiples of the run's
 
@@ -50,15 +55,16 @@ class Power:
     alpha: float = 0.05
     power: float = 0.80
 
-    @property
-    def z(self) -> float:
-        return float(norm.ppf(1 - self.alpha / 2) + norm.ppf(self.power))
+    def q(self, seeds: int, test_factor: float = 1.0) -> float:
+        """``t_{df,1−α/2} + t_{df,1−β}`` at the interval's degrees of freedom (:func:`metrics.mean_df`)."""
+        df = mean_df(seeds, self.s_b ** 2, self.s_w ** 2 / test_factor)
+        return float(student_t.ppf(1 - self.alpha / 2, df) + student_t.ppf(self.power, df))
 
     def mde_at(self, seeds: int, test_factor: float = 1.0) -> float:
         """Minimum detectable effect with ``seeds`` seeds and a test set ``test_factor`` times this one's."""
         if not (math.isfinite(self.s_b) and math.isfinite(self.s_w)):
             return float("nan")
-        return self.z * math.sqrt(self.s_b ** 2 / seeds + self.s_w ** 2 / test_factor)
+        return self.q(seeds, test_factor) * math.sqrt(self.s_b ** 2 / seeds + self.s_w ** 2 / test_factor)
 
     @property
     def mde(self) -> float:
@@ -67,10 +73,14 @@ class Power:
 
     def seeds_needed(self, effect: float, test_factor: float = 1.0) -> int | None:
         """Fewest seeds whose MDE is at most ``effect`` (None: the test set alone is too small)."""
-        room = (effect / self.z) ** 2 - self.s_w ** 2 / test_factor
+        z = float(norm.ppf(1 - self.alpha / 2) + norm.ppf(self.power))
+        room = (effect / z) ** 2 - self.s_w ** 2 / test_factor   # the large-S limit: t -> z
         if not math.isfinite(room) or room <= 0:
             return None
-        return max(2, math.ceil(self.s_b ** 2 / room))
+        S = max(2, math.ceil(self.s_b ** 2 / room))
+        while self.mde_at(S, test_factor) > effect:   # t quantiles exceed z at few seeds
+            S += 1
+        return S
 
     def plan(self, effect: float, factors=FACTORS) -> pd.DataFrame:
         """Per test-set size: its patients, the seeds needed for ``effect``, and the MDE at this run's seeds."""

@@ -56,7 +56,7 @@ def _claimed_vs_erm(paired: pd.DataFrame, alpha: float) -> list[str]:
     return out
 
 
-def claim_rate(run_dir, seeds_per_study: int = 3, max_studies: int = 120) -> dict:
+def claim_rate(run_dir, seeds_per_study: int = 3, max_studies: int = 500) -> dict:
     """Share of sub-studies of ``seeds_per_study`` seeds whose primary contrast is claimed.
 
     The sub-studies are every combination of the run's seeds of that size (at most ``max_studies``,
@@ -131,15 +131,24 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_sweep(params_file, scenarios, run_root, overrides=None, progress: bool = False,
-              null_seeds_per_study: int = 3) -> dict:
-    """Run the study of ``params_file`` on each scenario and summarize; returns the record written."""
+              null_seeds: int = 0) -> dict:
+    """Run the study of ``params_file`` on each scenario and summarize; returns the record written.
+
+    The null scenario's claim rate is taken over sub-studies with the design's number of seeds: of the
+    null run itself, or (``null_seeds`` > 0) of a second null run with seeds ``0 .. null_seeds − 1`` in
+    ``<run_root>/null-claims``, so that a small design still gets many sub-studies.
+    """
     from .rundir import code_version
-    from .runner import run
+    from .runner import resolve_config, run
 
     run_root = Path(run_root)
     unknown = [s for s in scenarios if s not in synthetic.SCENARIOS]
     if unknown:
         raise ValueError(f"unknown scenario(s) {unknown}; choose from {', '.join(synthetic.SCENARIOS)}")
+    per_study = len(resolve_config(params_file, {**(overrides or {}), "synthetic_scenario": "null"},
+                                   Path.cwd())[0].seeds)
+    if null_seeds and null_seeds < 2 * per_study:
+        raise ValueError(f"null_seeds = {null_seeds}: give at least twice the design's {per_study} seeds, or 0")
     dirs, seconds = {}, {}
     for s in scenarios:
         t0 = time.time()
@@ -154,7 +163,15 @@ def run_sweep(params_file, scenarios, run_root, overrides=None, progress: bool =
               "date": time.strftime("%Y-%m-%d"), "code_version": code_version(),
               "table": json.loads(table.to_json(orient="records"))}
     if "null" in dirs:
-        record["null_claim_rate"] = claim_rate(dirs["null"], null_seeds_per_study)
+        source = dirs["null"]
+        if null_seeds:
+            t0 = time.time()
+            source = run(params_file, run_dir=run_root / "null-claims",
+                         overrides={**(overrides or {}), "synthetic_scenario": "null",
+                                    "seeds": list(range(null_seeds))}, progress=progress)
+            seconds["null-claims"] = round(time.time() - t0, 1)
+        record["null_claim_rate"] = {**claim_rate(source, per_study), "run": Path(source).name}
+        record["seconds"] = seconds
     run_root.mkdir(parents=True, exist_ok=True)
     display_table(table).to_csv(run_root / "scenario_sweep.csv", index=False)
     (run_root / "scenario_sweep.json").write_text(json.dumps(record, indent=1))

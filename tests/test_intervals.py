@@ -47,13 +47,18 @@ def test_seeds_that_agree_give_the_plain_patient_bootstrap():
     assert (one["value"], one["lo"], one["hi"]) == pytest.approx((three["value"], three["lo"], three["hi"]))
 
 
-def test_noiseless_test_set_interval_narrows_as_one_over_root_seeds():
+def test_noiseless_test_set_gives_the_t_interval_of_the_seed_mean():
+    """Only the seeds vary (every patient resample leaves each seed's value): the interval is the t
+    interval of the mean, width 2 t_{S-1} s / sqrt(S), so it narrows about as 1/sqrt(S)."""
+    rng = np.random.default_rng(0)
     widths = {}
     for S in (4, 16, 64):
-        vals = [s % 2 for s in range(S)]  # seed mean 0.5, seed SD ~0.5
-        t = _engine(_noiseless(vals), n_boot=4000).by_group_ci("accuracy")
-        widths[S] = float(t["hi"].iloc[0] - t["lo"].iloc[0])
-    assert widths[4] / widths[16] == pytest.approx(2.0, rel=0.25)
+        pts = rng.normal(0.5, 0.1, S)
+        ci = metrics.seed_mean_interval(np.repeat(pts[:, None], 4001, axis=1), 0.95)
+        widths[S] = ci["hi"] - ci["lo"]
+        t = stats.ttest_1samp(pts, 0.5).confidence_interval(0.95)
+        assert widths[S] == pytest.approx(t.high - t.low, rel=0.12)
+        assert ci["df"] == pytest.approx(S - 1)
     assert widths[16] / widths[64] == pytest.approx(2.0, rel=0.25)
 
 
@@ -61,18 +66,56 @@ def test_pooled_rule_would_not_narrow_but_the_mean_rule_does():
     vals = [1, 0] * 5
     t = _engine(_noiseless(vals), n_boot=2000).by_group_ci("accuracy")
     # pooled seeds x resamples would give [0, 1] (one seed's spread); the mean of 10 seeds is far narrower
-    assert t["lo"].iloc[0] > 0.15 and t["hi"].iloc[0] < 0.85
+    assert t["lo"].iloc[0] > 0.1 and t["hi"].iloc[0] < 0.9
 
 
-def test_agrees_with_scipy_bootstrap_of_the_seed_mean():
+def test_agrees_with_independent_implementations():
+    """The two-level replicates against scipy's bootstrap (the t interval: the noiseless test above)."""
     rng = np.random.default_rng(3)
     vals = (rng.random(12) < 0.7).astype(int)
-    t = _engine(_noiseless(vals), n_boot=8000).by_group_ci("accuracy")
+    arr = _engine(_noiseless(vals), n_boot=8000)._stack("m", "accuracy")[:, 0, :]
+    raw = np.quantile(metrics.seed_mean_replicates(arr), [0.025, 0.975])
     ref = stats.bootstrap((vals.astype(float),), np.mean, n_resamples=8000, method="percentile",
                           confidence_level=0.95, random_state=1).confidence_interval
+    assert raw == pytest.approx([ref.low, ref.high], abs=0.05)
+    t = _engine(_noiseless(vals), n_boot=8000).by_group_ci("accuracy")
     assert t["value"].iloc[0] == pytest.approx(vals.mean())
-    assert t["lo"].iloc[0] == pytest.approx(ref.low, abs=0.05)
-    assert t["hi"].iloc[0] == pytest.approx(ref.high, abs=0.05)
+    assert t["lo"].iloc[0] < raw[0] and (t["hi"].iloc[0] > raw[1] or t["hi"].iloc[0] == 1.0)   # widened
+
+
+def _null_claim_rate(S, widen=True, studies=400, n_boot=2000, s_b=0.07, s_w=0.02):
+    """Share of simulated null studies (true difference 0) whose interval excludes 0."""
+    rng = np.random.default_rng(S)
+    claims = 0
+    for _ in range(studies):
+        pts = rng.normal(0, s_b, S) + rng.normal(0, s_w)            # one shared test set
+        arr = np.c_[pts, pts[:, None] + rng.normal(0, s_w, n_boot)[None, :]]   # same patient draw for all seeds
+        if widen:
+            ci = metrics.seed_mean_interval(arr, 0.95, (-1, 1))
+            lo, hi = ci["lo"], ci["hi"]
+        else:
+            lo, hi = np.quantile(metrics.seed_mean_replicates(arr), [0.025, 0.975])
+        claims += (lo > 0) or (hi < 0)
+    return claims / studies
+
+
+def test_few_seeds_keep_the_nominal_false_claim_rate():
+    """With 3 seeds the plain two-level percentile interval claims a null difference far above 5% of the
+    time; the t-calibrated interval stays near 5%."""
+    assert _null_claim_rate(3, widen=False) > 0.10
+    assert _null_claim_rate(3) < 0.085
+    assert _null_claim_rate(10) < 0.085
+
+
+def test_p_value_and_interval_agree():
+    rng = np.random.default_rng(1)
+    for shift in (0.0, 0.02, 0.05, 0.1):
+        pts = rng.normal(shift, 0.05, 5)
+        arr = np.c_[pts, pts[:, None] + rng.normal(0, 0.01, 4000)[None, :]]
+        ci = metrics.seed_mean_interval(arr, 0.95, (-1, 1))
+        assert ci["k"] > 1 and np.isfinite(ci["df"])
+        excludes = ci["lo"] > 0 or ci["hi"] < 0
+        assert excludes == (ci["p"] < 0.05) or abs(ci["p"] - 0.05) < 0.01
 
 
 def test_default_n_boot_keeps_bounds_within_0005_across_stats_seeds():
@@ -147,8 +190,13 @@ def test_power_known_answer():
     p = power.from_engine(Eng(), "d3m", "random", "Edema")
     assert p.s_b == pytest.approx(np.std(per_seed, ddof=1))
     assert p.s_w == pytest.approx(0.03, rel=0.05)
+    v = p.s_b ** 2 / S + p.s_w ** 2
+    df = v ** 2 / ((p.s_b ** 2 / S) ** 2 / (S - 1))   # Welch–Satterthwaite: only s_b is estimated
+    assert df > S - 1
+    q = stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df)
+    assert p.mde == pytest.approx(q * np.sqrt(v))
     z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
-    assert p.mde == pytest.approx(z * np.sqrt(p.s_b ** 2 / S + p.s_w ** 2))
+    assert p.mde > z * np.sqrt(v)   # few seeds cost more than the normal formula says
     need = p.seeds_needed(0.05, 4)
     assert need is not None and p.mde_at(need, 4) <= 0.05 < p.mde_at(need - 1, 4)
     assert p.seeds_needed(0.05 * p.s_w / 1.0, 1) is None  # test sampling alone exceeds it
