@@ -782,7 +782,8 @@ class GroupMetrics:
     def paired_worst_ci(self, a: str, b: str, metric: str = "accuracy") -> dict:
         """Worst-group ``metric`` of ``a`` minus that of ``b`` (each its own worst group per seed and
         resample), paired. Returns value, lo, hi (interval of the seed mean), seed_sd, n_seeds (pairs),
-        p (two-sided p-value of 0 on the interval's scale, :func:`seed_mean_interval`) and seed_values (each seed's difference)."""
+        p (two-sided p-value of 0 on the interval's scale, :func:`seed_mean_interval`) and seed_values
+        (each seed's difference)."""
         seeds, d = self.paired_worst(a, b, metric)
         out = self._summary(d, (-1.0, 1.0))
         out["p"] = self.interval(d, (-1.0, 1.0))["p"] if self.n_boot else float("nan")
