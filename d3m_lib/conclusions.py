@@ -274,9 +274,10 @@ def verdict_sentence(a: str, b: str, finding: str, est: float, lo: float, hi: fl
 
 def claim_reading(role: str, lo: float, hi: float, p_holm: float, alpha: float) -> str:
     """How a row of the paired table is read: the primary contrast by its interval, the secondary ones
-    by their Holm-adjusted p-value (family: every secondary contrast of the run)."""
+    by their interval and their Holm-adjusted p-value (family: every secondary contrast of the run)."""
     if role == "primary":
         return f"primary: {interval_reading(lo, hi).replace('lies entirely', 'entirely')}"
     if not math.isfinite(p_holm):
         return "secondary: no interval"
-    return (f"secondary: Holm p = {p_holm:.3f}, " + ("claimed" if p_holm < alpha else "not claimed"))
+    return (f"secondary: Holm p = {p_holm:.3f}, "
+            + ("claimed" if p_holm < alpha and excludes_zero(lo, hi) else "not claimed"))

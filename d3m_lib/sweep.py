@@ -50,7 +50,7 @@ def _claimed_vs_erm(paired: pd.DataFrame, alpha: float) -> list[str]:
     """Arms claimed better than ERM by the run's rule (primary: interval; secondary: Holm)."""
     out = []
     for r in paired[paired["b"] == "erm"].itertuples():
-        ok = (r.lo > 0) if r.role == "primary" else (r.diff > 0 and np.isfinite(r.p_holm) and r.p_holm < alpha)
+        ok = r.lo > 0 and (r.role == "primary" or (np.isfinite(r.p_holm) and r.p_holm < alpha))
         if ok:
             out.append(f"{r.a} ({r.finding})")
     return out
