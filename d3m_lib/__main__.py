@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                          "and take the claim rate over its sub-studies of the design's seed count (default: "
                          "the null run's own seeds)")
 
+    sw.add_argument("--no-run", action="store_true",
+                    help="run nothing: tabulate the finished run folders already under --run-root")
+
     d = sub.add_parser("demo-data", help="write a synthetic MIMIC-CXR-JPG + MIMIC-IV copy",
                        description="Write a synthetic cohort in MIMIC's file layout, with planted "
                                    "biases recorded beside it (d3m_lib.synthetic).")
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
             record = sweep.run_sweep(args.params, [s for s in args.scenarios.split(",") if s],
                                      args.run_root, parse_overrides(args.param),
-                                     null_seeds=args.null_seeds)
+                                     null_seeds=args.null_seeds, execute=not args.no_run)
             print(sweep.display_table(pd.DataFrame(record["table"])).to_string(index=False))
             if "null_claim_rate" in record:
                 c = record["null_claim_rate"]

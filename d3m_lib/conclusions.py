@@ -238,10 +238,11 @@ def removal_sentence(method: str, group: str, rate: float, overall_rate: float, 
             f"the highest rate of any group (all groups: {overall_rate:.1%}).")
 
 
-def verdict(lo: float, hi: float, delta: float) -> str:
+def verdict(lo: float, hi: float, delta: float, n_seeds: int = 2) -> str:
     """The reading of the primary contrast: ``supported`` / ``contradicted`` (the interval excludes 0, above /
-    below), ``smaller than delta`` (it lies inside ``[-delta, delta]``), else ``inconclusive``."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    below), ``smaller than delta`` (it lies inside ``[-delta, delta]``), else ``inconclusive``. One seed is
+    always ``inconclusive``: its interval holds test sampling only, not the spread between training seeds."""
+    if n_seeds < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
         return "inconclusive"
     if lo > 0:
         return "supported"
@@ -259,7 +260,11 @@ def verdict_sentence(a: str, b: str, finding: str, est: float, lo: float, hi: fl
     what = (f"{la} − {lb} in test worst-group accuracy on {finding} is "
             f"{interval_text(est, lo, hi, signed=True)} ({_pct(ci_level)} interval of the mean over "
             f"{n_seeds} seed{'s' if n_seeds != 1 else ''})")
-    v = verdict(lo, hi, delta)
+    v = verdict(lo, hi, delta, n_seeds)
+    if n_seeds < 2:
+        return (f"Inconclusive with one seed: {what}; that interval holds the test patients' sampling but not "
+                "the spread between training seeds, so no method is claimed better from it (run two or more "
+                "seeds).")
     if v == "supported":
         return f"Supported: {what}, so {la} raised the worst group's accuracy more than {lb}."
     if v == "contradicted":
@@ -267,7 +272,7 @@ def verdict_sentence(a: str, b: str, finding: str, est: float, lo: float, hi: fl
     if v == "smaller than delta":
         return (f"Smaller than {delta:g}: {what}, inside ±{delta:g}, so any difference between {la} and {lb} "
                 f"is smaller than the smallest effect worth having.")
-    mde_s = f"{mde:.3f}" if math.isfinite(mde) else "not estimable with one seed"
+    mde_s = f"{mde:.3f}" if math.isfinite(mde) else "not estimable"
     return (f"Inconclusive at this run's power: {what}, which includes 0 and reaches beyond ±{delta:g}; "
             f"the smallest effect this run could detect (80% power) is {mde_s}.")
 

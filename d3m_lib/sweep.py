@@ -125,18 +125,30 @@ def summarize(run_dirs: dict[str, Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _finished_seconds(run_dir: Path) -> float:
+    """Seconds a finished run's notebooks took (its run.json); refuses a run that has not finished."""
+    rec = run_dir / "run.json"
+    if not rec.is_file():
+        raise FileNotFoundError(f"{run_dir}: no run.json; run the sweep without --no-run first")
+    r = json.loads(rec.read_text())
+    if r.get("status") != "complete":
+        raise ValueError(f"{run_dir}: its run has status {r.get('status')!r}, not complete")
+    return round(sum(float(n.get("seconds") or 0) for n in r.get("notebooks", [])), 1)
+
+
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The appendix's table: the interval columns as text, the numeric bounds left out."""
     return table[[c for c in table.columns if not c.endswith((" lo", " hi"))]]
 
 
 def run_sweep(params_file, scenarios, run_root, overrides=None, progress: bool = False,
-              null_seeds: int = 0) -> dict:
+              null_seeds: int = 0, execute: bool = True) -> dict:
     """Run the study of ``params_file`` on each scenario and summarize; returns the record written.
 
     The null scenario's claim rate is taken over sub-studies with the design's number of seeds: of the
     null run itself, or (``null_seeds`` > 0) of a second null run with seeds ``0 .. null_seeds − 1`` in
-    ``<run_root>/null-claims``, so that a small design still gets many sub-studies.
+    ``<run_root>/null-claims``, so that a small design still gets many sub-studies. ``execute=False``
+    runs nothing: it tabulates the run folders already under ``run_root`` (each must have finished).
     """
     from .rundir import code_version
     from .runner import resolve_config, run
@@ -150,11 +162,19 @@ def run_sweep(params_file, scenarios, run_root, overrides=None, progress: bool =
     if null_seeds and null_seeds < 2 * per_study:
         raise ValueError(f"null_seeds = {null_seeds}: give at least twice the design's {per_study} seeds, or 0")
     dirs, seconds = {}, {}
-    for s in scenarios:
+
+    def one(name, over):
+        if not execute:
+            done = _finished_seconds(run_root / name)
+            seconds[name] = done
+            return run_root / name
         t0 = time.time()
-        dirs[s] = run(params_file, run_dir=run_root / s, overrides={**(overrides or {}), "synthetic_scenario": s},
-                      progress=progress)
-        seconds[s] = round(time.time() - t0, 1)
+        out = run(params_file, run_dir=run_root / name, overrides={**(overrides or {}), **over}, progress=progress)
+        seconds[name] = round(time.time() - t0, 1)
+        return out
+
+    for s in scenarios:
+        dirs[s] = one(s, {"synthetic_scenario": s})
     table = summarize(dirs)
     table["seconds"] = table["scenario"].map(seconds)
     record = {"params": str(params_file), "overrides": dict(overrides or {}), "scenarios": list(scenarios),
@@ -165,11 +185,7 @@ def run_sweep(params_file, scenarios, run_root, overrides=None, progress: bool =
     if "null" in dirs:
         source = dirs["null"]
         if null_seeds:
-            t0 = time.time()
-            source = run(params_file, run_dir=run_root / "null-claims",
-                         overrides={**(overrides or {}), "synthetic_scenario": "null",
-                                    "seeds": list(range(null_seeds))}, progress=progress)
-            seconds["null-claims"] = round(time.time() - t0, 1)
+            source = one("null-claims", {"synthetic_scenario": "null", "seeds": list(range(null_seeds))})
         record["null_claim_rate"] = {**claim_rate(source, per_study), "run": Path(source).name}
         record["seconds"] = seconds
     run_root.mkdir(parents=True, exist_ok=True)

@@ -171,6 +171,13 @@ def test_verdict(lo, hi, expect):
     assert "Edema" in s and "10 seeds" in s
 
 
+def test_one_seed_is_never_a_verdict():
+    assert conclusions.verdict(0.1, 0.3, 0.05, n_seeds=1) == "inconclusive"
+    s = conclusions.verdict_sentence("d3m", "random", "Edema", 0.2, 0.1, 0.3, 0.05, float("nan"), 1)
+    assert s.startswith("Inconclusive with one seed") and "between training seeds" in s
+    assert conclusions.verdict(0.1, 0.3, 0.05, n_seeds=2) == "supported"
+
+
 def test_power_known_answer():
     S, B = 10, 4000
     rng = np.random.default_rng(0)

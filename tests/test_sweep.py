@@ -36,3 +36,16 @@ def test_power_command(smoke_run, capsys):
 def test_sweep_refuses_unknown_scenarios(tmp_path):
     with pytest.raises(ValueError, match="unknown scenario"):
         sweep.run_sweep("params/smoke.yaml", ["nul"], tmp_path)
+
+
+@pytest.mark.smoke
+def test_sweep_tabulates_finished_runs_without_running_them(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    (tmp_path / "planted").symlink_to(run_dir, target_is_directory=True)
+    rec = sweep.run_sweep("params/smoke.yaml", ["planted"], tmp_path, execute=False)
+    assert [r["scenario"] for r in rec["table"]] == ["planted"] and rec["table"][0]["seconds"] > 0
+    assert (tmp_path / "scenario_sweep.csv").is_file() and (tmp_path / "scenario_sweep.json").is_file()
+    with pytest.raises(FileNotFoundError, match="no run.json"):
+        sweep.run_sweep("params/smoke.yaml", ["null"], tmp_path, execute=False)
+    with pytest.raises(ValueError, match="at least twice"):
+        sweep.run_sweep("params/smoke.yaml", ["null"], tmp_path, null_seeds=1, execute=False)

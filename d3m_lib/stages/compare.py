@@ -314,7 +314,7 @@ def run(stage, progress: bool = False) -> Result:
             t.to_csv(stage.path(f"{name}.csv"), index=False)
     stage.path("sentences.json").write_text(json.dumps({**res.sentences, "quotes": res.quotes}, indent=1))
     stage.finish({"findings": findings, "arms": arms, "best_wga_method": res.quotes["best_wga_method"],
-                  "verdict": conclusions.verdict(r0["lo"], r0["hi"], cfg.smallest_effect),
+                  "verdict": conclusions.verdict(r0["lo"], r0["hi"], cfg.smallest_effect, int(r0["n_pairs"])),
                   "primary": {"finding": findings[0], "contrast": list(contrast), "diff": float(r0["diff"]),
                               "lo": float(r0["lo"]), "hi": float(r0["hi"]),
                               "mde": pw.mde if pw is not None else None},
