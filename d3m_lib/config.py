@@ -234,7 +234,7 @@ PARAMS: tuple[Param, ...] = (
     # -- discrepancy scan ----------------------------------------------------------------
     P("scan_epochs", 4, "epochs of the shared multi-label scan model", (S02,), type="int", check=_range(1)),
     P("scan_seed", 0, "seed of the scan model", (S02,), type="int"),
-    P("scan_top_k", 2, "findings to continue with when `findings` is null", (S02,), type="int",
+    P("scan_top_k", 1, "findings to continue with when `findings` is null", (S02,), type="int",
       check=_range(1, 14)),
     P("findings", None, "explicit list of CheXpert findings; null: the scan's top-k", (S02,),
       type="str_list", nullable=True, check=_findings),

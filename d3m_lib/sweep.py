@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import conclusions, synthetic
+from . import methods as _methods
 from .constants import PLANTED_KINDS
 
 MECHANISMS = PLANTED_KINDS
@@ -52,7 +53,7 @@ def _claimed_vs_erm(paired: pd.DataFrame, alpha: float) -> list[str]:
     for r in paired[paired["b"] == "erm"].itertuples():
         ok = r.lo > 0 and (r.role == "primary" or (np.isfinite(r.p_holm) and r.p_holm < alpha))
         if ok:
-            out.append(f"{r.a} ({r.finding})")
+            out.append(f"{_methods.label(r.a)} ({r.finding})")
     return out
 
 
@@ -105,8 +106,8 @@ def summarize(run_dirs: dict[str, Path]) -> pd.DataFrame:
         f = prim.get("finding") or str(paired["finding"].iloc[0])
         a, b = cfg.primary_contrast
         rec = dict(scenario=scenario, finding=f, seeds=len(cfg.seeds))
-        for name, (x, y) in (("oracle − ERM", ("oracle", "erm")), (f"{a} − {b}", (a, b)),
-                             ("d3m − ERM", ("d3m", "erm"))):
+        for x, y in (("oracle", "erm"), (a, b), ("d3m", "erm")):
+            name = f"{_methods.label(x)} − {_methods.label(y)}"
             d = _row(paired, f, x, y)
             rec[name] = _text(d)
             rec[f"{name} lo"], rec[f"{name} hi"] = d["lo"], d["hi"]
@@ -137,8 +138,42 @@ def _finished_seconds(run_dir: Path) -> float:
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The appendix's table: the interval columns as text, the numeric bounds left out."""
+    """The whole table: the interval columns as text, the numeric bounds left out."""
     return table[[c for c in table.columns if not c.endswith((" lo", " hi"))]]
+
+
+def book_tables(record: dict) -> dict[str, pd.DataFrame]:
+    """The appendix's tables from a sweep's JSON record, narrow enough for the book's column:
+    ``effects`` (the three contrasts, the verdict and MDE), ``mechanisms`` (D3M's precision per planted
+    mechanism, the claims against ERM, the wall time) and ``null`` (the null scenario's claim rate)."""
+    t = pd.DataFrame(record["table"])
+    contrast = [c for c in t.columns if " − " in c and not c.endswith((" lo", " hi"))]
+    effects = t[["scenario", *contrast, "verdict"]].assign(
+        MDE=[f"{m:.3f}" if m is not None and math.isfinite(m) else "–" for m in t["mde"]],
+        seeds=t["seeds"])
+    mech = [c for c in t.columns if c.startswith("D3M precision")]
+    mechanisms = t[["scenario", *mech, "claimed better than ERM"]].assign(
+        minutes=[f"{x / 60:.1f}" for x in t["seconds"]])
+    out = {"effects": effects, "mechanisms": mechanisms}
+    c = record.get("null_claim_rate")
+    if c:
+        out["null"] = pd.DataFrame([{"null run": c["run"], "seeds per sub-study": c["seeds_per_study"],
+                                     "sub-studies": c["studies"], "claimed": c["claimed"],
+                                     "claim rate": f"{c['rate']:.1%}",
+                                     "disjoint sub-studies claimed": f"{c['disjoint_claimed']} of "
+                                                                     f"{c['disjoint_studies']}"}])
+    return out
+
+
+def write_tables(record: dict, folder) -> list[Path]:
+    """Write :func:`book_tables` as ``scenario_<name>.csv`` in ``folder`` (the appendix reads them)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, t in book_tables(record).items():
+        paths.append(folder / f"scenario_{name}.csv")
+        t.to_csv(paths[-1], index=False)
+    return paths
 
 
 def run_sweep(params_file, scenarios, run_root, overrides=None, progress: bool = False,
@@ -191,4 +226,5 @@ def run_sweep(params_file, scenarios, run_root, overrides=None, progress: bool =
     run_root.mkdir(parents=True, exist_ok=True)
     display_table(table).to_csv(run_root / "scenario_sweep.csv", index=False)
     (run_root / "scenario_sweep.json").write_text(json.dumps(record, indent=1))
+    write_tables(record, run_root)
     return record

@@ -16,7 +16,7 @@ def test_summary_reads_each_runs_artifacts(smoke_run):
     assert list(t["scenario"]) == ["planted"] and t["finding"].iloc[0] == "Cardiomegaly"
     paired = pd.read_csv(run_dir / "06_per_race" / "paired.csv")
     r = paired[(paired["a"] == "d3m") & (paired["b"] == "random")].iloc[0]
-    assert t["d3m − random lo"].iloc[0] == pytest.approx(r["lo"])
+    assert t["D3M − random lo"].iloc[0] == pytest.approx(r["lo"])
     assert t["verdict"].iloc[0] in ("supported", "contradicted", "smaller than delta", "inconclusive")
     assert "D3M precision: label flip" in t.columns
     assert not any(c.endswith(" lo") for c in sweep.display_table(t).columns)
