@@ -284,14 +284,19 @@ def learning_curves(history: pd.DataFrame, anchor_epoch: int):
     findings = list(dict.fromkeys(history["finding"]))
     fig, axes = plt.subplots(2, len(findings), figsize=(5 * len(findings), 4.4), squeeze=False, sharex="col",
                              gridspec_kw={"height_ratios": [3, 1]})
+    many = history["seed"].nunique() > 4   # a legend entry per seed would not fit: one colour, two entries
     for j, f in enumerate(findings):
         top, bottom = axes[0][j], axes[1][j]
         for i, (s, h) in enumerate(history[history["finding"] == f].groupby("seed", sort=True)):
-            c = _COLORS[i % len(_COLORS)]
-            top.plot(h["epoch"], h["train_loss"], color=c, label=f"train, seed {s}")
+            c = _COLORS[0 if many else i % len(_COLORS)]
+            first = not many or i == 0
+            kw = dict(alpha=0.5, lw=0.8) if many else {}
+            top.plot(h["epoch"], h["train_loss"], color=c, **kw,
+                     label=("train, every seed" if many else f"train, seed {s}") if first else None)
             if "val_loss" in h:
-                top.plot(h["epoch"], h["val_loss"], color=c, ls=":", label=f"validate, seed {s}")
-            bottom.plot(h["epoch"], h["lr"], color=c, marker=".")
+                top.plot(h["epoch"], h["val_loss"], color=c, ls=":", **kw,
+                         label=("validate, every seed" if many else f"validate, seed {s}") if first else None)
+            bottom.plot(h["epoch"], h["lr"], color=c, marker=".", **kw)
         for ax in (top, bottom):
             ax.axvline(anchor_epoch, color="grey", ls="--", lw=0.8)
         top.set_title(f)

@@ -136,6 +136,23 @@ def write_fake_cohort_stage(run: RunDir, cfg, root: Path, px: int, rng) -> tuple
     return cohort, data
 
 
+def write_tiny_run_to_02(root: Path, params: dict, finding: str, px: int, n_planted: int = 12):
+    """Stages 01 and 02 of a tiny fake cohort for training tests: ``n_planted`` training images of
+    ``finding`` recorded as planted label flips, and ``finding`` chosen by the scan. Returns (run, cfg)."""
+    rng = np.random.default_rng(0)
+    run = RunDir(root / "run")
+    cfg = config.resolve(params)
+    cohort, data = write_fake_cohort_stage(run, cfg, root, px, rng)
+    tr = cohort[(cohort["split"] == "train") & cohort[finding].notna()]
+    gt = tr.sample(n_planted, random_state=0)
+    pd.DataFrame({"dicom_id": gt["image_id"], "finding": finding, "kind": "label_flip", "split": "train"}
+                 ).to_csv(data.parent / "planted_ground_truth.csv.gz", index=False)
+    st = run.begin("02_scan", cfg)
+    st.path("chosen_findings.json").write_text(f'["{finding}"]')
+    st.finish()
+    return run, cfg
+
+
 def restamp(run_dir, name: str) -> None:
     """Record again the file hashes of a finished stage whose files a test edited on purpose."""
     from d3m_lib import rundir

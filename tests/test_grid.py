@@ -176,23 +176,13 @@ def test_an_interrupted_grid_resumes_only_unfinished_tasks(tmp_path):
 # -- stages 03-05 with 1 and 2 workers, local and Ray: the same files ---------------------------------------
 def _prepared(root: Path):
     """Stages 01 and 02 of a tiny fake cohort (written directly)."""
-    from test_analysis import write_fake_cohort_stage
+    from test_analysis import write_tiny_run_to_02
 
-    rng = np.random.default_rng(0)
-    run = RunDir(root / "run")
-    cfg = config.resolve({"image_size": PX, "width": 4, "batch_size": 32, "seeds": [0, 1], "epochs_anchor": 1,
-                          "epochs_more": 1, "device": "cpu", "min_group_n": 3, "trak_checkpoints": [1],
-                          "trak_proj_dim": 16, "trak_batch_size": 64, "d3m_k_grid": [0.05, 0.15],
-                          "random_draws": 2, "n_boot": 20, "findings": [FINDING]})
-    cohort, data = write_fake_cohort_stage(run, cfg, root, PX, rng)
-    tr = cohort[(cohort["split"] == "train") & cohort[FINDING].notna()]
-    gt = tr.sample(12, random_state=0)
-    pd.DataFrame({"dicom_id": gt["image_id"], "finding": FINDING, "kind": "label_flip", "split": "train"}
-                 ).to_csv(data.parent / "planted_ground_truth.csv.gz", index=False)
-    st = run.begin("02_scan", cfg)
-    st.path("chosen_findings.json").write_text(f'["{FINDING}"]')
-    st.finish()
-    return run, cfg
+    return write_tiny_run_to_02(root, {"image_size": PX, "width": 4, "batch_size": 32, "seeds": [0, 1],
+                                       "epochs_anchor": 1, "epochs_more": 1, "device": "cpu", "min_group_n": 3,
+                                       "trak_checkpoints": [1], "trak_proj_dim": 16, "trak_batch_size": 64,
+                                       "d3m_k_grid": [0.05, 0.15], "random_draws": 2, "n_boot": 20,
+                                       "findings": [FINDING]}, FINDING, PX)
 
 
 def _stages_03_to_05(run: RunDir, cfg) -> None:

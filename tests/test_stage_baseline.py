@@ -109,3 +109,23 @@ def test_resume_reuses_models(tiny_baseline):
     res = baseline.run(open_stage("03_baseline", run.path))
     assert ck.stat().st_mtime_ns == before
     assert set(res.runs["resumed"]) == {"anchor,more"}
+
+
+def test_learning_curves_fit_with_many_seeds():
+    """Twenty seeds (the powered study): one colour and two legend entries, and the layout fits."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from d3m_lib import plots
+
+    hist = pd.DataFrame([dict(finding="Edema", seed=s, epoch=e, train_loss=1 / e, val_loss=1.1 / e, lr=0.1)
+                         for s in range(20) for e in range(1, 6)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.learning_curves(hist, anchor_epoch=5)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["train, every seed", "validate, every seed"]
+    few = plots.learning_curves(hist[hist["seed"] < 2], anchor_epoch=5)
+    assert len(few.axes[0].get_legend().get_texts()) == 4

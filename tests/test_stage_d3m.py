@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 
 from d3m_lib import config, methods, training
-from d3m_lib.rundir import RunDir
 from d3m_lib.stages import d3m as stage_d3m
 
 FINDING = "Cardiomegaly"
@@ -15,24 +14,15 @@ PX = 16
 
 
 def _tiny_run(root, **over):
-    from test_analysis import write_fake_cohort_stage
+    from test_analysis import write_tiny_run_to_02
 
     from d3m_lib import attribution, image_cache
 
-    rng = np.random.default_rng(0)
-    run = RunDir(root / "run")
-    params = {"image_size": PX, "width": 4, "batch_size": 32, "seeds": [0], "epochs_anchor": 1,
-              "epochs_more": 2, "device": "cpu", "min_group_n": 3, "trak_checkpoints": [1],
-              "trak_proj_dim": 16, "d3m_k_grid": [0.05, 0.15], "findings": [FINDING], **over}
-    cfg = config.resolve(params)
-    cohort, data = write_fake_cohort_stage(run, cfg, root, PX, rng)
-    tr = cohort[(cohort["split"] == "train") & cohort[FINDING].notna()]
-    gt = tr.sample(12, random_state=0)
-    pd.DataFrame({"dicom_id": gt["image_id"], "finding": FINDING, "kind": "label_flip", "split": "train"}
-                 ).to_csv(data.parent / "planted_ground_truth.csv.gz", index=False)
-    st = run.begin("02_scan", cfg)
-    st.path("chosen_findings.json").write_text(f'["{FINDING}"]')
-    st.finish()
+    run, cfg = write_tiny_run_to_02(root, {"image_size": PX, "width": 4, "batch_size": 32, "seeds": [0],
+                                           "epochs_anchor": 1, "epochs_more": 2, "device": "cpu", "min_group_n": 3,
+                                           "trak_checkpoints": [1], "trak_proj_dim": 16, "d3m_k_grid": [0.05, 0.15],
+                                           "findings": [FINDING], **over}, FINDING, PX)
+    cohort = run.cohort()
     images = image_cache.open_cache(run.path / "01_cohort" / "image_cache", PX)
     st = run.begin("03_baseline", cfg)
     tcfg = training.TrainConfig.from_params(cfg.values, seed=0)
