@@ -118,6 +118,7 @@ def summarize(run_dirs: dict[str, Path]) -> pd.DataFrame:
         for kind in MECHANISMS:
             r = planted[(planted["finding"] == f) & (planted["method"] == "d3m") & (planted["kind"] == kind)]
             rec[f"D3M precision: {kind.replace('_', ' ')}"] = (
+                "not planted" if len(r) and not r["base_rate"].iloc[0] > 0 else
                 f"{r['precision'].iloc[0]:.3f} (base {r['base_rate'].iloc[0]:.3f})"
                 if len(r) and math.isfinite(r["precision"].iloc[0]) else "–")
         claimed = _claimed_vs_erm(paired, 1 - cfg.ci_level)
@@ -216,6 +217,8 @@ def run_sweep(params_file, scenarios, run_root, overrides=None, progress: bool =
               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
                          f"{__import__('os').cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d"), "code_version": code_version(),
+              "runs_commit": {name: (json.loads((Path(d) / "run.json").read_text()).get("code_version") or {})
+                              .get("commit") for name, d in dirs.items()},
               "table": json.loads(table.to_json(orient="records"))}
     if "null" in dirs:
         source = dirs["null"]
