@@ -52,14 +52,14 @@ def test_sweep_tabulates_finished_runs_without_running_them(smoke_run, tmp_path)
 
 
 def test_the_appendix_tables_are_the_committed_sweep_record():
-    """book/data holds the sweep the appendix reports: its CSV tables are exactly what the JSON record gives,
+    """book/sweep holds the sweep the appendix reports: its CSV tables are exactly what the JSON record gives,
     every scenario is in it, and the null scenario's claim rate is there."""
     import json
     from pathlib import Path
 
     from d3m_lib import synthetic
 
-    data = Path(__file__).resolve().parents[1] / "book" / "data"
+    data = Path(__file__).resolve().parents[1] / "book" / "sweep"
     record = json.loads((data / "scenario_sweep.json").read_text())
     assert [r["scenario"] for r in record["table"]] == list(synthetic.SCENARIOS)
     assert record["null_claim_rate"]["studies"] >= 20
@@ -68,4 +68,4 @@ def test_the_appendix_tables_are_the_committed_sweep_record():
                                       t.astype(str), check_dtype=False)
     page = (data.parent / "testbed.md").read_text()
     for name in ("effects", "mechanisms", "null"):
-        assert f"data/scenario_{name}.csv" in page
+        assert f"sweep/scenario_{name}.csv" in page
