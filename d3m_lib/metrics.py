@@ -371,7 +371,7 @@ def seed_mean_interval(arr, ci_level: float, bounds=(0.0, 1.0), random_state=0) 
     if k == 1.0:
         lo, hi, p = q_lo, q_hi, p0
     else:
-        lo, hi = point - k * (point - q_lo), point + k * (q_hi - point)
+        lo, hi = point - k * max(point - q_lo, 0.0), point + k * max(q_hi - point, 0.0)   # always holds the point
         p = float(2 * student_t.sf(abs(point) / np.sqrt(s_b2 / S + s_w2), df))   # the t test of the same mean
     return dict(lo=float(np.clip(lo, *bounds)), hi=float(np.clip(hi, *bounds)), p=float(p), k=float(k),
                 df=float(df))
