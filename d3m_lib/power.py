@@ -34,7 +34,7 @@ import pandas as pd
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
-from .metrics import mean_df
+from .metrics import mean_df, variance_parts
 
 FACTORS = (1, 2, 4, 8)   # test-set sizes a plan considers, as multiples of the run's
 
@@ -128,11 +128,10 @@ def from_engine(engine, a: str, b: str, finding: str = "", metric: str = "accura
     """:class:`Power` of the paired worst-group contrast ``a − b`` of a :class:`~d3m_lib.metrics.GroupMetrics`."""
     _, d = engine.paired_worst(a, b, metric)
     pts = d[:, 0]
-    s_b = float(np.std(pts, ddof=1)) if len(pts) > 1 else float("nan")
     if engine.n_boot < 2:
         raise ValueError("power needs bootstrap replicates (n_boot >= 2)")
-    with np.errstate(invalid="ignore"):
-        s_w = float(np.nanstd(np.nanmean(d[:, 1:], axis=0), ddof=1))
+    _, s_b2, s_w2 = variance_parts(d)   # the interval's own two parts
+    s_b, s_w = math.sqrt(s_b2) if math.isfinite(s_b2) else float("nan"), math.sqrt(s_w2)
     counts = engine.counts
     elig = [g for g in engine.eligible] or list(engine.groups)
     return Power(finding=finding, a=a, b=b, n_seeds=len(pts), test_patients=int(counts.loc["All", "n_clusters"]),
