@@ -55,7 +55,7 @@ def test_require_refuses_missing_unfinished_and_transitively_stale(tmp_path):
     run = RunDir(run_dir)
     assert run.require("05_d3m") == run_dir.resolve() / "05_d3m"
     # re-run stage 02 in place with another scan_top_k: 03 and 04 and 05 are all stale now
-    st = open_stage("02_scan", run_dir, overrides={"scan_top_k": 1}, replace=True)
+    st = open_stage("02_scan", run_dir, overrides={"scan_top_k": 3}, replace=True)
     st.finish()
     with pytest.raises(StaleArtifactError, match="05_d3m is stale"):
         run.require("05_d3m")
