@@ -201,8 +201,7 @@ def run_sweep(params_file, scenarios, run_root, overrides=None, progress: bool =
 
     def one(name, over):
         if not execute:
-            done = _finished_seconds(run_root / name)
-            seconds[name] = done
+            seconds[name] = _finished_seconds(run_root / name)
             return run_root / name
         t0 = time.time()
         out = run(params_file, run_dir=run_root / name, overrides={**(overrides or {}), **over}, progress=progress)
@@ -225,7 +224,7 @@ def run_sweep(params_file, scenarios, run_root, overrides=None, progress: bool =
         if null_seeds:
             source = one("null-claims", {"synthetic_scenario": "null", "seeds": list(range(null_seeds))})
         record["null_claim_rate"] = {**claim_rate(source, per_study), "run": Path(source).name}
-        record["seconds"] = seconds
+    record["seconds"] = seconds
     run_root.mkdir(parents=True, exist_ok=True)
     display_table(table).to_csv(run_root / "scenario_sweep.csv", index=False)
     (run_root / "scenario_sweep.json").write_text(json.dumps(record, indent=1))
