@@ -636,11 +636,13 @@ class GroupMetrics:
         """:func:`seed_mean_interval` of ``arr`` (seeds x (1 + n_boot)) at this engine's level and draws."""
         return seed_mean_interval(arr, self.ci_level, bounds, self.random_state)
 
-    def _summary(self, arr: np.ndarray, bounds=(0.0, 1.0)) -> dict:
-        """seeds x (1 + n_boot) -> point (mean of seed points), seed_sd, lo, hi (interval of the mean), n_seeds."""
+    def _summary(self, arr: np.ndarray, bounds=(0.0, 1.0), ci: dict | None = None) -> dict:
+        """seeds x (1 + n_boot) -> point (mean of seed points), seed_sd, lo, hi (interval of the mean), n_seeds.
+        ``ci``: the :meth:`interval` of ``arr`` when the caller already has it."""
         pts = arr[:, 0]
         ok = np.isfinite(pts)
-        ci = self.interval(arr, bounds) if self.n_boot else dict(lo=np.nan, hi=np.nan)
+        if ci is None:
+            ci = self.interval(arr, bounds) if self.n_boot else dict(lo=np.nan, hi=np.nan, p=np.nan)
         return dict(value=float(pts[ok].mean()) if ok.any() else np.nan, lo=ci["lo"], hi=ci["hi"],
                     seed_sd=float(pts[ok].std(ddof=1)) if ok.sum() > 1 else np.nan, n_seeds=len(pts))
 
@@ -785,8 +787,9 @@ class GroupMetrics:
         p (two-sided p-value of 0 on the interval's scale, :func:`seed_mean_interval`) and seed_values
         (each seed's difference)."""
         seeds, d = self.paired_worst(a, b, metric)
-        out = self._summary(d, (-1.0, 1.0))
-        out["p"] = self.interval(d, (-1.0, 1.0))["p"] if self.n_boot else float("nan")
+        ci = self.interval(d, (-1.0, 1.0)) if self.n_boot else dict(lo=np.nan, hi=np.nan, p=np.nan)
+        out = self._summary(d, (-1.0, 1.0), ci)
+        out["p"] = ci["p"]
         out["seed_values"] = {int(s): float(v) for s, v in zip(seeds, d[:, 0])}
         return out
 
