@@ -103,6 +103,12 @@ def _methods(v):
     return _unknown(v, METHODS, "method", f"choose from {', '.join(METHODS)}") or _unique_nonempty(v)
 
 
+def _positive_list(v):
+    if v is not None and any(not x > 0 for x in v):
+        return "every entry must be positive"
+    return _unique_nonempty(v)
+
+
 def _fractions(v):
     if v is not None and any(not 0 < x < 1 for x in v):
         return "every entry must be a share of the training images strictly between 0 and 1"
@@ -285,9 +291,20 @@ PARAMS: tuple[Param, ...] = (
     P("d3m_auto_method", "pca_per_class", "Auto-D3M pseudo-groups: pca_per_class (the D3M paper: per class, "
       "L2-normalised score rows, sign of the top PC), pca (one PCA over all) or kmeans", (S05,),
       choices=("pca_per_class", "pca", "kmeans")),
-    P("methods", None, "selections to retrain (d3m_lib.methods); null: every arm the data allows (on "
-      "synthetic data d3m, random, balanced, auto_d3m, auto_random and oracle; on real data all but oracle)",
+    P("methods", None, "arms to retrain (d3m_lib.methods); null: the default arms the data allows (on "
+      "synthetic data d3m, random, balanced, auto_d3m, auto_random, loss_filter, rwg, dfr and oracle; on real "
+      "data all but oracle); group_dro, jtt and oracle_k run when named (params/baselines.yaml names every arm)",
       (S05,), type="str_list", nullable=True, check=_methods),
+    P("group_labels", "training", "the protected-group labels the arms may use: training (every training and "
+      "validation image) or validation (validation images only, as for a practitioner who never labelled the "
+      "training set); arms needing more are refused", (S05,), choices=("training", "validation")),
+    P("group_dro_eta_grid", [0.01, 0.1, 1.0], "GroupDRO: step sizes of the online group weights tried (chosen on "
+      "validation worst-group accuracy averaged over seeds, ties: the first listed)", (S05,), type="float_list",
+      check=_positive_list),
+    P("jtt_lambda_grid", [5.0, 20.0, 50.0], "JTT: upsampling factors of the anchor's error set tried (the same "
+      "rule)", (S05,), type="float_list", check=_positive_list),
+    P("dfr_c_grid", [1.0, 0.3, 0.1, 0.03], "DFR: inverse L1 strengths of the last-layer refit tried, chosen on "
+      "the tuning half of validation by the same rule", (S05,), type="float_list", check=_positive_list),
     P("synthetic_ground_truth", None, "planted_ground_truth.csv.gz; null: the one beside the synthetic "
       "cohort", (S05,), type="path", nullable=True),
     # -- error analysis ------------------------------------------------------------------------------
@@ -381,8 +398,9 @@ def _check_combination(c: Mapping[str, Any], base: Path | None) -> list[str]:
 
     dataset = "synthetic" if c["dataset"] == "mimic" and c["synthetic"] else c["dataset"]
     if c["methods"] is not None:
-        errs.extend(methods_mod.validate(c["methods"], dataset, has_ground_truth=True))
-    run_arms = ["erm", *methods_mod.for_data(c["methods"], dataset)]
+        errs.extend(methods_mod.validate(c["methods"], dataset, has_ground_truth=True,
+                                         group_labels=c["group_labels"]))
+    run_arms = ["erm", *methods_mod.for_data(c["methods"], dataset, c["group_labels"])]
     absent = [m for m in c["primary_contrast"] if m not in run_arms]
     if absent:
         errs.append(f"parameter 'primary_contrast' = {c['primary_contrast']!r}: arm(s) {absent} are not among "

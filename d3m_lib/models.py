@@ -172,6 +172,17 @@ def resnet50(num_outputs: int = 1, in_channels: int = 1) -> nn.Module:
     return m
 
 
+def body(model: nn.Module) -> nn.Module:
+    """The model without its classification head: maps images to the last linear layer's input
+    (shares the model's weights). DFR refits that layer."""
+    if isinstance(model, torchvision.models.ResNet):
+        return nn.Sequential(*list(model.children())[:-1], nn.Flatten())
+    if isinstance(model, nn.Sequential):
+        last = max(i for i, m in enumerate(model) if isinstance(m, nn.Linear))
+        return model[:last]
+    raise TypeError(f"no known head for {type(model).__name__}: expected resnet9 (Sequential) or a torchvision ResNet")
+
+
 def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
     """State-dict key prefixes of the classification head (dropped from pretrained weights)."""
     if isinstance(model, torchvision.models.ResNet):

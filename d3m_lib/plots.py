@@ -16,6 +16,7 @@ from . import methods as _methods
 from .analysis import OVERALL
 
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+_METHOD_COLORS = _COLORS + list(plt.get_cmap("tab20").colors[1::2])   # 20 distinct colours for the arms
 
 
 METHOD_ORDER = _methods.order()  # the registry's order (d3m_lib.methods)
@@ -24,7 +25,7 @@ METHOD_ORDER = _methods.order()  # the registry's order (d3m_lib.methods)
 def method_colors(methods) -> dict:
     """One fixed colour per method: the same method has the same colour in every figure."""
     names = list(METHOD_ORDER) + [m for m in methods if m not in METHOD_ORDER]
-    return {m: _COLORS[names.index(m) % len(_COLORS)] for m in methods}
+    return {m: _METHOD_COLORS[names.index(m) % len(_METHOD_COLORS)] for m in methods}
 
 
 def ordered_methods(methods) -> list:

@@ -451,7 +451,8 @@ def checkpoint_steps(cfg: TrainConfig, steps: int) -> dict[int, int]:
 
 def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_checkpoint: str | Path,
                       out_dir: str | Path, val=None, num_outputs: int = 1, progress: bool = True,
-                      steps: int | None = None, n_reference: int | None = None) -> pd.DataFrame:
+                      steps: int | None = None, n_reference: int | None = None, weights=None,
+                      dro_groups=None, dro_eta: float = 0.0) -> pd.DataFrame:
     """The second call of the schedule, with an equal step budget for every arm.
 
     From ``anchor_checkpoint`` (the baseline's ``epoch_05.pt``), a fresh SGD
@@ -467,8 +468,14 @@ def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_chec
     history row per checkpoint (``epoch``, ``step``, ``lr``, ``train_loss`` over
     the steps since the previous checkpoint, ``n_rows``, validation metrics) to
     ``history.csv``.
+
+    ``weights`` (a loss weight per row) or ``dro_groups`` (a group code per row, with step size
+    ``dro_eta``) change the loss (:func:`d3m_lib.objectives.batch_loss`); neither changes the
+    batches, the steps or the learning rates.
     """
     from tqdm.auto import tqdm
+
+    from .objectives import GroupDRO
 
     rows, y = _training_rows(rows, y, num_outputs)
     if cfg.epochs_more < 1:
@@ -485,6 +492,12 @@ def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_chec
     cpu = device.type == "cpu"
     marks = checkpoint_steps(cfg, steps)
     batches = continuation_batches(len(rows), cfg, steps)
+    for name, v in (("weights", weights), ("dro_groups", dro_groups)):
+        if v is not None and len(v) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(v)} {name}")
+    w_t = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32))
+    g_t = None if dro_groups is None else torch.as_tensor(np.asarray(dro_groups, dtype=np.int64))
+    dro = None if g_t is None else GroupDRO(int(g_t.max()) + 1, dro_eta)
     with _deterministic(cpu):
         torch.manual_seed(cfg.seed)
         model, opt = _model_and_optimizer(cfg, num_outputs, device, anchor_checkpoint,
@@ -507,8 +520,10 @@ def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_chec
         save_due()  # a mark at step 0 (fewer steps than epochs_more) saves the anchor itself
         model.train()
         bar = tqdm(total=steps, desc=f"continue {out_dir.name}", disable=not progress, leave=False)
-        for xb, yb in _loader(ds, batches, cfg, device):
-            total += _sgd_step(model, opt, xb, yb, continue_lr_at(cfg, done, steps), cfg, device)
+        for pos, (xb, yb) in zip(batches, _loader(ds, batches, cfg, device)):
+            obj = None if w_t is None and dro is None else dict(
+                weights=None if w_t is None else w_t[pos], dro=dro, groups=None if g_t is None else g_t[pos])
+            total += _sgd_step(model, opt, xb, yb, continue_lr_at(cfg, done, steps), cfg, device, obj)
             count += len(yb)
             done += 1
             bar.update(1)
@@ -522,16 +537,18 @@ def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_chec
 
 
 def retrain(cfg: TrainConfig, images: np.ndarray, rows, y, anchor, out_dir: str | Path, va, te,
-            steps: int) -> None:
+            steps: int, weights=None, dro_groups=None, dro_eta: float = 0.0) -> None:
     """One retrained arm (a grid task of stage 05): :func:`continue_training` from ``anchor`` on ``rows``.
 
     ``steps`` optimizer steps in ``cfg.stream``; keeps only the final checkpoint and writes
     ``preds_validate.parquet`` and ``preds_test.parquet`` (``va``, ``te``: :func:`task_rows`
     tuples) into ``out_dir``. The history holds training losses only: the intermediate
-    checkpoints are not kept, so they are not evaluated.
+    checkpoints are not kept, so they are not evaluated. ``weights``, ``dro_groups``, ``dro_eta``:
+    an arm's objective (:mod:`d3m_lib.objectives`), per row.
     """
     out = Path(out_dir)
-    continue_training(cfg, images, rows, y, anchor, out, val=None, progress=False, steps=steps)
+    continue_training(cfg, images, rows, y, anchor, out, val=None, progress=False, steps=steps, weights=weights,
+                      dro_groups=dro_groups, dro_eta=dro_eta)
     final = out / f"epoch_{cfg.total_epochs:02d}.pt"
     for f in out.glob("epoch_*.pt"):
         if f != final:
@@ -543,14 +560,19 @@ def retrain(cfg: TrainConfig, images: np.ndarray, rows, y, anchor, out_dir: str 
 
 
 def _sgd_step(model: nn.Module, opt, xb: torch.Tensor, yb: torch.Tensor, lr: float, cfg: TrainConfig,
-              device: torch.device) -> float:
-    """One optimizer step at learning rate ``lr``; returns the batch's summed loss."""
+              device: torch.device, objective: dict | None = None) -> float:
+    """One optimizer step at learning rate ``lr``; returns the batch's summed loss.
+
+    ``objective``: keyword arguments of :func:`d3m_lib.objectives.batch_loss` (weights, dro, groups)."""
+    from .objectives import batch_loss
+
     for group in opt.param_groups:
         group["lr"] = lr
     xb, yb = _to(xb, device), yb.to(device, non_blocking=True)
     with _autocast(device):
         logits = model(xb)
-    loss = masked_bce(logits, yb, cfg.label_smoothing)
+    loss = (masked_bce(logits, yb, cfg.label_smoothing) if objective is None
+            else batch_loss(logits, yb, cfg.label_smoothing, **objective))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -41,7 +41,8 @@ def _tiny_run(root, **over):
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     root = tmp_path_factory.mktemp("d3mstage")
-    run, cfg, cohort = _tiny_run(root)
+    run, cfg, cohort = _tiny_run(root, methods=list(methods.selectable()), group_dro_eta_grid=[0.1, 1.0],
+                                 jtt_lambda_grid=[3.0, 10.0])
     res = stage_d3m.run(run.begin("05_d3m", cfg))
     return run, cfg, cohort, res
 
@@ -49,17 +50,19 @@ def result(tmp_path_factory):
 def test_every_arm_is_retrained_for_ercms_steps_and_written(result):
     run, cfg, cohort, res = result
     n_train = len(training.task_rows(cohort, FINDING, "train")[0])
-    assert set(res.arms["method"]) == set(methods.selectable())        # null methods: every arm (synthetic)
+    assert set(res.arms["method"]) == set(methods.selectable())        # every arm, through the registry
     draws = res.arms.groupby("method")["draw"].apply(sorted).to_dict()
     assert draws["random"] == draws["auto_random"] == [0, 1, 2] and draws["d3m"] == [0]   # random_draws = 3
     assert res.arms["steps"].nunique() == 1
     assert res.arms["steps"].iloc[0] == 2 * int(np.ceil(n_train / 32))
     assert res.arms.set_index("method").loc["balanced", "n_kept"] < n_train   # fewer rows, same steps
+    assert res.arms["seconds"].notna().all()
     cols = ["finding", "method", "seed", "draw", "split", "row", "group", "y", "logit", "prob", "threshold", "pred"]
     saved = pd.read_parquet(run.path / "05_d3m" / "predictions.parquet")
     assert list(saved.columns) == cols and set(saved["method"]) == set(methods.selectable()) | {"erm", "base"}
     first = res.arms[res.arms["draw"] == 0].set_index("method")
-    for m in ("d3m", "random", "balanced", "auto_d3m", "auto_random", "oracle"):
+    sgd = [m for m in methods.selectable() if methods.get(m).trainer == "sgd"]
+    for m in sgd:   # every continuation: ERM's step budget, whatever its objective
         hist = pd.read_csv(run.path / "05_d3m" / FINDING / first.loc[m, "model"] / "seed0" / "history.csv")
         assert hist["step"].iloc[-1] == res.arms["steps"].iloc[0] and hist["epoch"].iloc[-1] == 3
     assert run.manifest("05_d3m")["complete"]
@@ -141,3 +144,68 @@ def test_train_counts_average_a_controls_draws(result):
     overall = {m: mc.train_counts(FINDING, m).set_index("group").loc[analysis.OVERALL, "removed"]
                for m in ("d3m", "random")}
     assert overall["random"] == overall["d3m"] == res.chosen_k.set_index("method").loc["d3m", "k"]
+
+
+def test_null_methods_run_the_default_arms_and_name_the_rest():
+    assert methods.for_data(None, "synthetic") == [m for m in methods.selectable() if methods.get(m).default]
+    assert {"group_dro", "jtt", "oracle_k"}.isdisjoint(methods.for_data(None, "synthetic"))
+    assert "rwg" not in methods.for_data(None, "synthetic", group_labels="validation")
+
+
+def test_arms_needing_training_group_labels_are_refused_by_name():
+    with pytest.raises(config.ConfigError, match="'group_dro' needs training group labels.*group_labels"):
+        config.resolve({"methods": ["d3m", "group_dro"], "group_labels": "validation"})
+    from d3m_lib.stages.d3m import _check_training_groups
+
+    with pytest.raises(ValueError, match="1 of 3 training images have no protected group.*'rwg'"):
+        _check_training_groups(["d3m", "rwg"], FINDING, pd.Series(["a", None, "b"]))
+    _check_training_groups(["d3m", "jtt"], FINDING, pd.Series(["a", None, "b"]))   # JTT needs none in training
+
+
+def test_loss_filter_and_oracle_k_remove_d3ms_count(result):
+    _, _, _, res = result
+    n = res.arms.set_index(["method", "draw"])["n_removed"]
+    assert n.loc[("loss_filter", 0)] == n.loc[("d3m", 0)] == n.loc[("oracle_k", 0)] > 0
+    pl = res.planted.set_index("method")
+    assert pl.loc["oracle_k", "precision"] == 1.0 or pl.loc["oracle_k", "recall"] == 1.0   # planted first
+
+
+def test_loss_filter_removes_the_anchors_highest_losses(result):
+    run, cfg, cohort, res = result
+    tr = training.task_rows(cohort, FINDING, "train")
+    tcfg = training.TrainConfig.from_params(cfg.values, seed=0)
+    z = training.predict(run.model_dir("03_baseline", FINDING, 0) / "epoch_01.pt", tcfg, run.images(cohort["row"]),
+                         tr[0])
+    loss = np.logaddexp(0, z) - tr[1] * z
+    s = res.selections
+    kept = s[(s["method"] == "loss_filter")].set_index("row").loc[tr[0], "kept"].to_numpy()
+    assert loss[~kept].min() >= loss[kept].max()
+
+
+def test_jtt_upsamples_the_anchors_errors_and_every_tuned_arm_has_its_grid(result):
+    _, _, _, res = result
+    t = res.tuning[res.tuning["split"] == "validate"]
+    assert sorted(t.loc[t["method"] == "group_dro", "value"].unique()) == ["eta=0.1", "eta=1"]
+    assert sorted(t.loc[t["method"] == "jtt", "value"].unique()) == ["lam=10", "lam=3"]
+    assert len(t[t["method"] == "dfr"]) == 4          # dfr_c_grid's 4 values, one seed
+    ch = res.chosen_hp.set_index("method")
+    for m in ("group_dro", "jtt", "dfr"):              # the chosen point is the best mean on validation
+        means = t[t["method"] == m].groupby("value")["wga"].mean()
+        assert means.loc[ch.loc[m, "setting"]] == means.max() == ch.loc[m, "val_wga"]
+    row = res.arms.set_index("method").loc["jtt"]
+    assert row["objective"].startswith("upsamples") and row["n_removed"] == 0
+
+
+def test_dfr_never_fits_on_test_or_its_tuning_half(result):
+    run, cfg, cohort, res = result
+    va = training.task_rows(cohort, FINDING, "validate")
+    p = res.predictions[res.predictions["method"] == "dfr"]
+    tune_rows = set(p.loc[p["split"] == "validate", "row"])
+    assert tune_rows < set(va[0])                     # DFR's validation predictions: the tuning half only
+    from d3m_lib import objectives
+
+    subj = cohort.set_index("row").loc[va[0], "subject_id"]
+    fit, tune = objectives.dfr_halves(va[0], subj, objectives.stream(cfg.removal_seed, 0, "dfr"))
+    assert set(va[0][tune]) == tune_rows and not (fit & tune).any() and (fit | tune).all()
+    assert set(subj[fit]).isdisjoint(set(subj[tune]))  # halves split by patient
+    assert set(p.loc[p["split"] == "test", "row"]) == set(training.task_rows(cohort, FINDING, "test")[0])

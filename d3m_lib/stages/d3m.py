@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .. import d3m, grid, methods, metrics, training
+from .. import d3m, grid, methods, metrics, objectives, training
 from ..synthetic import planted_ground_truth
 
 PRED_COLUMNS = ["finding", "method", "seed", "draw", "split", "row", "group", "y", "logit", "prob", "threshold",
@@ -61,7 +61,9 @@ class Result:
     arms: pd.DataFrame              # finding, seed, method, draw, n_train, n_kept, n_removed, steps, model, seconds
     auto_groups: pd.DataFrame       # finding, seed, group, pseudo, n  (Auto-D3M pseudo-groups x race)
     planted: pd.DataFrame | None    # finding, method, seed, draw, n_removed, n_planted, hit, precision, recall,
-    #                                 base_rate
+    #                                 base_rate (removal arms)
+    tuning: pd.DataFrame | None = None     # finding, seed, method, setting, value, split, wga: every grid point
+    chosen_hp: pd.DataFrame | None = None  # finding, method, setting, val_wga, n_settings, n_seeds
     methods: list = field(default_factory=list)
     dataset: str = "synthetic"
     seconds: float = 0.0
@@ -90,25 +92,49 @@ class _Models:
         self.tasks: list = []
         self.by_key: dict = {}     # (finding, seed, stream, mask hash) -> model name
         self.dirs: dict = {}       # (finding, seed, name) -> folder
+        self.dfr: dict = {}        # (finding, seed) -> (folder, C grid)
 
-    def add(self, ps: dict, finding: str, seed: int, name: str, kept: np.ndarray, stream: int = 0) -> str:
-        """The model of ``kept`` (a new task, or the one already asked for with the same mask): its name."""
-        kept = np.asarray(kept, dtype=bool)
-        h = hashlib.sha256(np.packbits(kept).tobytes() + len(kept).to_bytes(8, "little")).hexdigest()
+    def add(self, ps: dict, finding: str, seed: int, name: str, plan, stream: int = 0) -> str:
+        """The model of ``plan`` (a kept mask or an :class:`objectives.Plan`; a new task, or the one already
+        asked for with the same plan): its name."""
+        plan = objectives.as_plan(plan, len(ps["tr"][0]), name)
+        h = plan.signature()
         key = (finding, seed, stream, h)
         if key in self.by_key:
             return self.by_key[key]
         out = self.stage.model_dir(finding, seed, name)
         tcfg = dataclasses.replace(ps["tcfg"], stream=stream)
-        tr = ps["tr"]
+        tr, pos = ps["tr"], plan.positions()
+        kwargs = dict(cfg=tcfg, images=self.images, rows=tr[0][pos], y=tr[1][pos], anchor=ps["anchor"], out_dir=out,
+                      va=ps["va"], te=ps["te"], steps=ps["steps"])
+        if plan.weights is not None:
+            kwargs["weights"] = plan.weights[pos] / plan.weights[pos].mean()
+        if plan.dro_groups is not None:
+            kwargs.update(dro_groups=plan.dro_groups[pos], dro_eta=plan.dro_eta)
         self.tasks.append(grid.Task(
-            f"{finding}/seed{seed}/{name}", "d3m_lib.training:retrain",
-            dict(cfg=tcfg, images=self.images, rows=tr[0][kept], y=tr[1][kept], anchor=ps["anchor"], out_dir=out,
-                 va=ps["va"], te=ps["te"], steps=ps["steps"]),
+            f"{finding}/seed{seed}/{name}", "d3m_lib.training:retrain", kwargs,
             signature={"kept": h, "steps": ps["steps"], "stream": stream},
             files=tuple(out / f"preds_{s}.parquet" for s in ("validate", "test"))))
         self.by_key[key] = name
         self.dirs[(finding, seed, name)] = out
+        return name
+
+    def add_dfr(self, ps: dict, finding: str, seed: int, plan) -> str:
+        """DFR's task of one seed: every C of its grid fitted on one half of validation (:func:`objectives.dfr`)."""
+        name = "dfr"
+        out = self.stage.model_dir(finding, seed, name)
+        fit, tune = ps["dfr_halves"]
+        va = ps["va"]
+        part = lambda m: tuple(np.asarray(a)[m] for a in va)   # noqa: E731
+        self.tasks.append(grid.Task(
+            f"{finding}/seed{seed}/{name}", "d3m_lib.objectives:dfr",
+            dict(cfg=ps["tcfg"], images=self.images, erm_checkpoint=ps["erm_checkpoint"], fit=part(fit),
+                 tune=part(tune), te=ps["te"], grid_c=plan.dfr_c, out_dir=out,
+                 stream_seed=objectives.stream(ps["tcfg"].seed, "dfr")),
+            signature={"dfr": list(plan.dfr_c), "fit": hashlib.sha256(np.packbits(fit).tobytes()).hexdigest()},
+            files=tuple(out / f"preds_{s}_C{i}.parquet" for s in ("validate", "test")
+                        for i in range(len(plan.dfr_c)))))
+        self.dfr[(finding, seed)] = (out, plan.dfr_c)
         return name
 
     def run(self, g) -> dict:
@@ -118,6 +144,10 @@ class _Models:
         for (f, s, name), d in self.dirs.items():
             out[(f, s, name)] = ({sp: pd.read_parquet(d / f"preds_{sp}.parquet") for sp in ("validate", "test")},
                                  res[f"{f}/seed{s}/{name}"].seconds)
+        for (f, s), (d, grid_c) in self.dfr.items():
+            for i in range(len(grid_c)):
+                out[(f, s, f"dfr_C{i}")] = ({sp: pd.read_parquet(d / f"preds_{sp}_C{i}.parquet")
+                                             for sp in ("validate", "test")}, res[f"{f}/seed{s}/dfr"].seconds)
         return out
 
 
@@ -157,6 +187,59 @@ def choose_k(curve: pd.DataFrame, method: str) -> tuple[int, float]:
     return k, float(best)
 
 
+def choose_setting(tuning: pd.DataFrame, method: str) -> tuple[int, float]:
+    """The grid point of ``method`` with the highest validation worst-group accuracy averaged over ALL seeds
+    (the rule of :func:`choose_k`); ties: the first listed. ``tuning``: stage 05's tuning table.
+    Returns ``(index into the arm's settings, mean)``."""
+    v = tuning[(tuning["method"] == method) & (tuning["split"] == "validate")]
+    mean = v.groupby("setting")["wga"].mean().dropna().sort_index()
+    if mean.empty:
+        raise RuntimeError(f"tuning of {method}: no validation worst-group accuracy (groups too small for "
+                           f"min_group_n?)")
+    best = mean.max()
+    return int(mean.index[mean.to_numpy() == best].min()), float(best)
+
+
+def setting_text(hp: dict) -> str:
+    """``eta=0.1`` style text of a grid point ("" without hyperparameters)."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
+
+
+def objective_text(plan: objectives.Plan) -> str:
+    """What an arm's plan changes, for the arms table."""
+    if plan.dfr_c is not None:
+        return "last layer of continued ERM refitted (DFR)"
+    parts = [f"removes {int((~plan.kept).sum())}"] if (~plan.kept).any() else []
+    if plan.repeats is not None:
+        parts.append(f"upsamples {int((plan.repeats > 1).sum())} x{int(plan.repeats.max())}")
+    if plan.weights is not None:
+        parts.append(f"loss weights {plan.weights.min():.2f}-{plan.weights.max():.2f}")
+    if plan.dro_groups is not None:
+        parts.append(f"GroupDRO over {len(np.unique(plan.dro_groups))} cells")
+    return "; ".join(parts) or "every image, plain loss"
+
+
+def _context(f: dict, ps: dict, seed: int, cfg, dataset: str, draw: int = 0, hp: dict | None = None,
+             n_removed: dict | None = None, d3m_kept=None, auto_kept=None) -> methods.SelectionContext:
+    """What a select hook sees for one finding (``f``), seed (``ps``) and draw."""
+    tr = f["tr"]
+    return methods.SelectionContext(
+        train_rows=tr[0], train_groups=f["train_groups"], seed=seed, draw=draw, removal_seed=cfg.removal_seed,
+        d3m_kept=d3m_kept, auto_d3m_kept=auto_kept, n_removed={} if n_removed is None else n_removed,
+        train_image_ids=f["train_ids"], planted_ids=f["gt_ids"], dataset=dataset, train_y=tr[1],
+        anchor_train_logit=ps.get("anchor_train_logit"), anchor_threshold=ps["anchor_threshold"], hp=hp or {})
+
+
+def _check_training_groups(arms, finding: str, groups: pd.Series) -> None:
+    """Refuse the arms that need training group labels when some training image has none."""
+    need = [m for m in arms if methods.get(m).needs_group_labels]
+    missing = groups.isna() | groups.astype(str).str.strip().isin(["", "nan", "None"])
+    if need and missing.any():
+        raise ValueError(f"{finding}: {int(missing.sum())} of {len(groups)} training images have no protected group "
+                         f"(cohort column 'group'), but {need} need the group of every training image. Drop them "
+                         f"from `methods` or set group_labels: validation.")
+
+
 def _wga_rows(p: pd.DataFrame, min_group_n: int, **keys) -> list[dict]:
     return [dict(**keys, split=split, wga=worst_group_accuracy(ps["y"], ps["pred"], ps["group"], min_group_n))
             for split, ps in ((sp, p[p["split"] == sp]) for sp in ("validate", "test"))]
@@ -176,17 +259,20 @@ def run(stage, progress: bool = False) -> Result:
     dev = str(training.resolve_device(cfg.device))
     dataset = "synthetic" if cfg.dataset == "mimic" and cfg.synthetic else cfg.dataset
     gt = planted_ground_truth(run_, cfg.synthetic_ground_truth)
-    arms = methods.for_data(cfg.methods, dataset)
-    errs = methods.validate(arms, dataset, has_ground_truth=gt is not None)
+    arms = methods.for_data(cfg.methods, dataset, cfg.group_labels)
+    errs = methods.validate(arms, dataset, has_ground_truth=gt is not None, group_labels=cfg.group_labels)
     if errs:
         raise ValueError("; ".join(errs))
     arms = methods.run_order(arms)
     need_auto = "auto_d3m" in arms
+    tuned = [m for m in arms if methods.get(m).grid]
+    anchor_losses = any(methods.get(m).anchor_losses for m in arms)
     curve_methods = CURVE_METHODS if need_auto else ("d3m",)
     coh = cohort.set_index("row")
     ea, et = cfg.epochs_anchor, cfg.epochs_anchor + cfg.epochs_more
 
-    preds, sels, align, losses, curve, weighting, arm_rows, auto_ct, planted_rows, chosen = ([] for _ in range(10))
+    preds, sels, align, losses, curve, weighting, arm_rows, auto_ct, planted_rows, chosen, tuning, chosen_hp = (
+        [] for _ in range(12))
     per: dict = {}   # finding -> what the waves need
     g = grid.Grid(stage, "05 D3M", progress=progress)
     try:
@@ -196,6 +282,7 @@ def run(stage, progress: bool = False) -> Result:
             tr, va, te = (training.task_rows(cohort, finding, s) for s in ("train", "validate", "test"))
             n_train = len(tr[0])
             train_groups = coh.loc[tr[0], "group"].astype(str).to_numpy()
+            _check_training_groups(arms, finding, coh.loc[tr[0], "group"])
             train_ids = (coh.loc[tr[0], "image_id"].astype(str).to_numpy() if "image_id" in coh
                          else tr[0].astype(str))
             planted = _planted_mask(gt, finding, train_ids)
@@ -241,7 +328,16 @@ def run(stage, progress: bool = False) -> Result:
                         finding=finding, seed=seed, evr=auto.explained_variance_ratio))
                 ps = per_seed[seed] = dict(score=score, auto=auto, tau=tau, gl=gl, tcfg=tcfg, tr=tr, va=va, te=te,
                                            anchor=bdir / f"epoch_{ea:02d}.pt",
-                                           steps=training.continuation_steps(tcfg, n_train))
+                                           erm_checkpoint=bdir / f"epoch_{et:02d}.pt",
+                                           steps=training.continuation_steps(tcfg, n_train),
+                                           anchor_threshold=float(metrics.choose_threshold(
+                                               fr["base"]["validate"]["y"], fr["base"]["validate"]["prob"],
+                                               cfg.threshold_rule)))
+                if anchor_losses:
+                    ps["anchor_train_logit"] = training.predict(ps["anchor"], tcfg, images, tr[0])
+                if "dfr" in arms:
+                    ps["dfr_halves"] = objectives.dfr_halves(va[0], coh.loc[va[0], "subject_id"],
+                                                             objectives.stream(cfg.removal_seed, seed, "dfr"))
                 for m in curve_methods:   # k = 0: continued ERM
                     curve += _wga_rows(erm_pred, cfg.min_group_n, finding=finding, seed=seed, method=m, k=0,
                                        share=0.0)
@@ -251,8 +347,25 @@ def run(stage, progress: bool = False) -> Result:
                         kept = d3m.select(scores[m], "k_lowest", k).to_numpy()
                         name = curve_models.add(ps, finding, seed, f"curve_{m}_k{k}", kept, stream=CURVE_STREAM)
                         ps.setdefault("curve", []).append((m, k, name))
-            per[finding] = dict(tr=tr, va=va, te=te, n_train=n_train, train_groups=train_groups,
-                                train_ids=train_ids, planted=planted, per_seed=per_seed)
+            f = per[finding] = dict(tr=tr, va=va, te=te, n_train=n_train, train_groups=train_groups,
+                                    train_ids=train_ids, planted=planted, per_seed=per_seed, gt_ids=None if gt is None
+                                    else set(gt.loc[gt["finding"] == finding, "dicom_id"].astype(str)))
+            # -- every grid point of every tuned arm, every seed (SGD arms: in the curve's batch order) -------
+            for seed, ps in per_seed.items():
+                for m in tuned:
+                    spec = methods.get(m)
+                    settings = spec.settings(cfg.values)
+                    plans = [objectives.as_plan(spec.select(_context(f, ps, seed, cfg, dataset, hp=hp)), n_train, m)
+                             for hp in settings]
+                    if spec.trainer == "dfr":   # one task fits every C; its test predictions are DFR's
+                        curve_models.add_dfr(ps, finding, seed, objectives.Plan(
+                            plans[0].kept, dfr_c=tuple(p.dfr_c[0] for p in plans)))
+                        names = [f"dfr_C{i}" for i in range(len(plans))]
+                    else:
+                        names = [curve_models.add(ps, finding, seed, f"tune_{m}_{i}", plan, stream=CURVE_STREAM)
+                                 for i, plan in enumerate(plans)]
+                    ps.setdefault("tune", []).extend((m, i, setting_text(hp), name)
+                                                     for i, (hp, name) in enumerate(zip(settings, names)))
         curve_out = curve_models.run(g)
         for finding, f in per.items():
             for seed, ps in f["per_seed"].items():
@@ -261,9 +374,23 @@ def run(stage, progress: bool = False) -> Result:
                     curve += _wga_rows(p, cfg.min_group_n, finding=finding, seed=seed, method=m, k=k,
                                        share=k / f["n_train"])
         curve_df = pd.DataFrame(curve)
+        for finding, f in per.items():
+            for seed, ps in f["per_seed"].items():
+                for m, i, text, name in ps.get("tune", []):
+                    p = _with_threshold(curve_out[(finding, seed, name)][0], m, finding, seed, cfg.threshold_rule)
+                    tuning += _wga_rows(p, cfg.min_group_n, finding=finding, seed=seed, method=m, setting=i,
+                                        value=text)
+        tuning_df = pd.DataFrame(tuning, columns=["finding", "seed", "method", "setting", "value", "split", "wga"])
+        for finding, f in per.items():
+            f["hp"], f["hp_index"] = {}, {}
+            for m in tuned:
+                i, vw = choose_setting(tuning_df[tuning_df["finding"] == finding], m)
+                f["hp"][m], f["hp_index"][m] = methods.get(m).settings(cfg.values)[i], i
+                chosen_hp.append(dict(finding=finding, method=m, setting=setting_text(f["hp"][m]), val_wga=vw,
+                                      n_settings=len(methods.get(m).settings(cfg.values)), n_seeds=len(cfg.seeds)))
         # -- the k of D3M and Auto-D3M: mean over every seed, ties to the smaller k -------------------
         arm_models = _Models(stage, images)
-        plan = []
+        plan_list = []
         for finding, f in per.items():
             cf = curve_df[curve_df["finding"] == finding]
             heuristic = int(np.mean([(ps["score"] < 0).sum() for ps in f["per_seed"].values()]))
@@ -279,7 +406,7 @@ def run(stage, progress: bool = False) -> Result:
                                    oracle_k=oracle_k, val_wga=vw, n_seeds=len(cfg.seeds)))
             rule = "negative" if cfg.d3m_selection == "negative" else "k_lowest"
             # -- every arm, every seed (count-matched controls: random_draws draws), all fresh in stream 0
-            tr = f["tr"]
+            tr, n_train_f = f["tr"], f["n_train"]
             for seed, ps in f["per_seed"].items():
                 d3m_kept = d3m.select(ps["score"], rule, ks["d3m"]).to_numpy()
                 auto_kept = (d3m.select(ps["auto"].scores, rule, ks.get("auto_d3m")).to_numpy()
@@ -290,33 +417,32 @@ def run(stage, progress: bool = False) -> Result:
                                                      f["planted"], BETAS).assign(finding=finding, seed=seed))
                 n_removed: dict = {}
                 for m in arms:
+                    spec = methods.get(m)
                     for draw in range(methods.draws(m, cfg.random_draws)):
-                        ctx = methods.SelectionContext(
-                            train_rows=tr[0], train_groups=f["train_groups"], seed=seed, draw=draw,
-                            removal_seed=cfg.removal_seed, d3m_kept=d3m_kept, auto_d3m_kept=auto_kept,
-                            n_removed=n_removed, train_image_ids=f["train_ids"],
-                            planted_ids=None if gt is None else set(
-                                gt.loc[gt["finding"] == finding, "dicom_id"].astype(str)),
-                            dataset=dataset)
-                        kept = np.asarray(methods.get(m).select(ctx), dtype=bool)
-                        n_removed.setdefault(m, int((~kept).sum()))
-                        name = arm_models.add(ps, finding, seed, m if draw == 0 else f"{m}_draw{draw}", kept)
-                        plan.append((finding, seed, m, draw, kept, name))
-        arm_out = arm_models.run(g)
+                        ctx = _context(f, ps, seed, cfg, dataset, draw=draw, hp=f["hp"].get(m, {}), n_removed=n_removed,
+                                       d3m_kept=d3m_kept, auto_kept=auto_kept)
+                        plan = objectives.as_plan(spec.select(ctx), n_train_f, m)
+                        n_removed.setdefault(m, int((~plan.kept).sum()))
+                        name = (f"dfr_C{f['hp_index'][m]}" if spec.trainer == "dfr" else
+                                arm_models.add(ps, finding, seed, m if draw == 0 else f"{m}_draw{draw}", plan))
+                        plan_list.append((finding, seed, m, draw, plan, name))
+        arm_out = {**curve_out, **arm_models.run(g)}
     finally:
         g.close()
 
-    for finding, seed, m, draw, kept, name in plan:
+    for finding, seed, m, draw, plan, name in plan_list:
         f = per[finding]
         tr, n_train, planted = f["tr"], f["n_train"], f["planted"]
+        kept = plan.kept
         frames, secs = arm_out[(finding, seed, name)]
         preds.append(_with_threshold(frames, m, finding, seed, cfg.threshold_rule).assign(draw=draw))
         sels.append(pd.DataFrame({"finding": finding, "method": m, "seed": seed, "draw": draw, "row": tr[0],
                                   "kept": kept}))
         arm_rows.append(dict(finding=finding, seed=seed, method=m, draw=draw, n_train=n_train,
                              n_kept=int(kept.sum()), n_removed=int((~kept).sum()),
-                             steps=f["per_seed"][seed]["steps"], model=name, seconds=round(secs, 1)))
-        if planted is not None:
+                             steps=f["per_seed"][seed]["steps"], objective=objective_text(plan),
+                             setting=setting_text(f["hp"].get(m, {})), model=name, seconds=round(secs, 1)))
+        if planted is not None and plan.plain:   # removal arms: who was removed
             rem = ~kept
             hit = int((rem & planted).sum())
             planted_rows.append(dict(finding=finding, method=m, seed=seed, draw=draw, n_removed=int(rem.sum()),
@@ -334,9 +460,11 @@ def run(stage, progress: bool = False) -> Result:
         auto_groups=pd.concat(auto_ct, ignore_index=True) if auto_ct else pd.DataFrame(
             columns=["group", "pseudo", "n", "finding", "seed", "evr"]),
         planted=pd.DataFrame(planted_rows) if planted_rows else None,
+        tuning=tuning_df, chosen_hp=pd.DataFrame(chosen_hp, columns=["finding", "method", "setting", "val_wga",
+                                                                     "n_settings", "n_seeds"]),
         methods=arms, dataset=dataset, seconds=time.time() - t_start)
     for name in ("predictions", "selections", "alignment", "curve", "weighting", "arms", "auto_groups",
-                 "group_losses", "chosen_k"):
+                 "group_losses", "chosen_k", "tuning", "chosen_hp"):
         stage.save_table(getattr(res, name), f"{name}.parquet")
     d3m_arm = res.arms[(res.arms["method"] == "d3m")]
     stage.finish({"findings": findings, "seeds": list(cfg.seeds), "methods": arms,
