@@ -388,6 +388,34 @@ class MethodComparison:
                                  lo=v["lo"], hi=v["hi"], **ch))
         return pd.DataFrame(recs)
 
+    def alternatives(self, finding: str, versus=("erm", "d3m"), split: str = "test",
+                     methods: list[str] | None = None) -> pd.DataFrame:
+        """Every retrained arm on one finding, in the D3M paper's table form: worst-group accuracy, mean
+        accuracy and worst-group AUROC (each the mean over seeds with its interval), and the paired
+        worst-group accuracy difference against each arm of ``versus`` that ran, with its p.
+
+        Columns: method, wga, wga_lo, wga_hi, acc, acc_lo, acc_hi, wg_auroc, wg_auroc_lo, wg_auroc_hi, then
+        per reference ``r``: ``vs_<r>``, ``vs_<r>_lo``, ``vs_<r>_hi``, ``vs_<r>_p``.
+        """
+        ms = [m for m in (methods or _methods.order(self.methods(finding)))
+              if m in self.engine(finding, split).models and (m not in _methods.REGISTRY
+                                                               or _methods.get(m).retrained)]
+        wga = self.worst_group_table(split, "accuracy", [finding], ms).set_index("method")
+        auc = self.worst_group_table(split, "auroc", [finding], ms).set_index("method")
+        acc = self.per_group(finding, split, "accuracy", ms)
+        acc = acc[acc["group"] == OVERALL].set_index("method")
+        out = pd.DataFrame({"method": ms})
+        for col, t, v in (("wga", wga, "wga"), ("acc", acc, "value"), ("wg_auroc", auc, "wga")):
+            out[col] = t.loc[ms, v].to_numpy()
+            out[f"{col}_lo"], out[f"{col}_hi"] = t.loc[ms, "lo"].to_numpy(), t.loc[ms, "hi"].to_numpy()
+        for ref in versus:
+            if ref not in ms:
+                continue
+            pt = self.paired_table([(m, ref) for m in ms if m != ref], split, "accuracy", [finding]).set_index("a")
+            for k, c in (("", "diff"), ("_lo", "lo"), ("_hi", "hi"), ("_p", "p")):
+                out[f"vs_{ref}{k}"] = [pt.loc[m, c] if m in pt.index else np.nan for m in ms]
+        return out
+
     def underdiagnosis(self, split: str = "test", finding: str = "No Finding",
                        methods: list[str] | None = None) -> pd.DataFrame:
         """False positive rate of "No Finding" per race and method.
@@ -678,12 +706,16 @@ def wide_per_group(per_group: pd.DataFrame, fmt: str = ".3f") -> pd.DataFrame:
 
 
 def wga_wide(wga: pd.DataFrame, method_order=None, fmt: str = ".3f") -> pd.DataFrame:
-    """Display table of a :meth:`MethodComparison.worst_group_table`: one row per finding,
-    one column per method (``est [lo, hi]``), methods in ``method_order`` (default: the registry's) then any others."""
+    """Display table of a :meth:`MethodComparison.worst_group_table`: one row per arm (labelled, in
+    ``method_order``, default the registry's, then any others), one column per finding (``est [lo, hi]``).
+    Arms run down the page, so many arms never push the table off it."""
     method_order = _methods.order() if method_order is None else tuple(method_order)
-    wide = format_intervals(wga, ["wga"], fmt).pivot(index="finding", columns="method", values="wga")
-    cols = [m for m in method_order if m in wide.columns] + [m for m in wide.columns if m not in method_order]
-    return wide[cols].loc[list(dict.fromkeys(wga["finding"]))].reset_index()
+    wide = format_intervals(wga, ["wga"], fmt).pivot(index="method", columns="finding", values="wga")
+    rows = [m for m in method_order if m in wide.index] + [m for m in wide.index if m not in method_order]
+    out = wide.loc[rows, list(dict.fromkeys(wga["finding"]))].reset_index()
+    out.columns.name = None
+    out.insert(0, "arm", [_methods.label(m) for m in out.pop("method")])
+    return out
 
 
 def headline_from_forest(forest: pd.DataFrame, wga: pd.DataFrame, baseline: str = "erm") -> pd.DataFrame:

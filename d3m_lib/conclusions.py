@@ -286,3 +286,31 @@ def claim_reading(role: str, lo: float, hi: float, p_holm: float, alpha: float) 
         return "secondary: no interval"
     return (f"secondary: Holm p = {p_holm:.3f}, "
             + ("claimed" if p_holm < alpha and excludes_zero(lo, hi) else "not claimed"))
+
+
+def alternatives_sentence(table: pd.DataFrame, study: str = "d3m", baseline: str = "erm", alpha: float = 0.05,
+                          n_seeds: int = 0) -> str:
+    """One finding's comparison with the alternatives in one sentence: which arms' worst-group accuracy differs
+    from ``study``'s and from ``baseline``'s by a claimed margin (paired interval excludes 0 and Holm p < alpha),
+    or that none does. ``table``: rows of ``compare.alternatives_table`` for one finding."""
+    if n_seeds == 1:
+        return ("With one seed no difference from the alternatives is claimed: its intervals hold test sampling "
+                "only, not training randomness.")
+    parts = []
+    for ref in (study, baseline):
+        col = f"vs_{ref}"
+        if col not in table.columns:
+            continue
+        claimed = [r for r in table.itertuples() if r.method != ref and math.isfinite(getattr(r, f"{col}_p_holm"))
+                   and getattr(r, f"{col}_p_holm") < alpha and excludes_zero(getattr(r, f"{col}_lo"),
+                                                                             getattr(r, f"{col}_hi"))]
+        if claimed:
+            def by(r):
+                d, lo, hi = (abs(getattr(r, col + k)) for k in ("", "_lo", "_hi"))
+                return (f"{_methods.label(r.method)} {'above' if getattr(r, col) > 0 else 'below'} by "
+                        f"{interval_text(d, min(lo, hi), max(lo, hi))}")
+            parts.append(f"against {_methods.label(ref)}, " + "; ".join(by(r) for r in claimed))
+        else:
+            parts.append(f"no arm differs reliably from {_methods.label(ref)}")
+    seeds = f" at {n_seeds} seeds" if n_seeds else ""
+    return (f"Worst-group accuracy, paired and Holm-corrected over the table{seeds}: " + "; ".join(parts) + ".")

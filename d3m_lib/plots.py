@@ -82,7 +82,29 @@ def wga_bars(wga: pd.DataFrame, title: str = "Worst-group accuracy"):
     ax.set_ylabel("worst-group accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend(fontsize=8, frameon=False, ncol=min(len(methods), 3))
+    if len(methods) > 6:   # many arms: the legend beside the axes, never over the bars
+        ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8, frameon=False, ncol=min(len(methods), 3))
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_plot(alternatives: pd.DataFrame, title: str = ""):
+    """Worst-group accuracy (y) against mean accuracy (x), one point per arm with both intervals
+    (:meth:`d3m_lib.analysis.MethodComparison.alternatives` rows of one finding)."""
+    methods = ordered_methods(alternatives["method"])
+    colors = method_colors(methods)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for m in methods:
+        d = alternatives[alternatives["method"] == m]
+        ax.errorbar(d["acc"], d["wga"], xerr=_errors(d, "acc", "acc_lo", "acc_hi"),
+                    yerr=_errors(d, "wga", "wga_lo", "wga_hi"), fmt="o", color=colors[m], capsize=2, ms=5,
+                    label=_methods.label(m), elinewidth=0.8)
+    ax.set_xlabel("mean accuracy (all test images)")
+    ax.set_ylabel("worst-group accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
 

@@ -443,7 +443,9 @@ def test_patients_from_the_cohort_and_paired_table(fake_run):
 def test_best_method_ties_follow_the_registry_order():
     wga = pd.DataFrame({"finding": "F", "method": ["random", "d3m", "erm"], "wga": [0.7, 0.7, 0.6]})
     assert analysis.best_method(wga, "F") == "d3m"
-    assert list(analysis.wga_wide(wga.assign(lo=0.5, hi=0.8)).columns) == ["finding", "erm", "d3m", "random"]
+    wide = analysis.wga_wide(wga.assign(lo=0.5, hi=0.8))
+    assert list(wide.columns) == ["arm", "F"] and list(wide["arm"]) == ["ERM", "D3M", "random"]
+    assert wide["F"].iloc[0] == "0.600 [0.500, 0.800]"
 
 
 def test_removed_vs_kept_means_known_answer_in_chunks():

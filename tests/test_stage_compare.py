@@ -154,3 +154,34 @@ def test_worst_group_error_rates(result):
     assert (erm["change"] == 0).all()
     d = compare.error_rates_display(res)
     assert len(d) == len(e) and (d.loc[d["arm"] == "ERM", "change vs ERM [CI]"] == "–").all()
+
+
+def test_alternatives_table_in_the_d3m_papers_form(result):
+    _, res = result
+    t = res.alternatives[res.alternatives["finding"] == res.primary].set_index("method")
+    assert list(t.index) == [m for m in res.arms if methods.get(m).retrained]     # every retrained arm, no anchor
+    assert t.loc["oracle", "labels"] == "planted truth" and t.loc["d3m", "labels"] == "val"
+    assert t.loc["erm", "labels"] == "none" and t.loc["balanced", "labels"] == "train + val"
+    pt = res.paired.set_index(["finding", "a", "b"])
+    assert t.loc["oracle", "vs_erm"] == pytest.approx(pt.loc[(res.primary, "oracle", "erm"), "diff"])
+    assert np.isnan(t.loc["erm", "vs_erm"]) and np.isnan(t.loc["d3m", "vs_d3m"])
+    p, ph = t[["vs_erm_p", "vs_d3m_p"]].to_numpy(), t[["vs_erm_p_holm", "vs_d3m_p_holm"]].to_numpy()
+    ok = np.isfinite(p)
+    assert (ph[ok] >= p[ok] - 1e-12).all()                                       # Holm never lowers a p
+    w = res.wga.set_index(["finding", "method"])
+    assert t.loc["oracle", "wga"] == pytest.approx(w.loc[(res.primary, "oracle"), "wga"])
+    levels, diffs = (compare.alternatives_display(res, part) for part in ("levels", "differences"))
+    assert list(levels["arm"]) == list(diffs["arm"]) == [methods.label(m) for m in t.index]
+    assert diffs.set_index("arm").loc["ERM", "Δ worst-group accuracy vs ERM"] == "–"
+    # the oracle's perfect predictions: a claimed gain over ERM, marked and named in the sentence
+    assert diffs.set_index("arm").loc["oracle", "Δ worst-group accuracy vs ERM"].endswith(" *")
+    assert "oracle above by" in res.quotes["alternatives_summary"]
+
+
+def test_alternatives_sentence_claims_nothing_with_one_seed():
+    from d3m_lib import conclusions
+
+    t = pd.DataFrame({"method": ["erm", "d3m"], "vs_erm": [np.nan, 0.2], "vs_erm_lo": [np.nan, 0.1],
+                      "vs_erm_hi": [np.nan, 0.3], "vs_erm_p_holm": [np.nan, 0.001]})
+    assert "no difference" in conclusions.alternatives_sentence(t, n_seeds=1)
+    assert "D3M above by 0.200 [0.100, 0.300]" in conclusions.alternatives_sentence(t, n_seeds=3)

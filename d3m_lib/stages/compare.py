@@ -24,6 +24,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from .. import analysis, conclusions, metrics, power
@@ -63,6 +64,7 @@ class Result:
     seed_diffs: pd.DataFrame            # finding, a, b, seed, diff: each seed's paired difference
     power: power.Power | None           # the primary contrast's variance components and MDE
     error_rates: pd.DataFrame | None = None  # ERM's worst group of the primary finding: FPR, FNR per arm, change
+    alternatives: pd.DataFrame | None = None  # per finding and arm: the D3M paper's table (analysis.alternatives)
     verdict: str = ""                   # the study's answer: the primary contrast's reading, one sentence
     sentences: dict[str, list[str]] = field(default_factory=dict)
     quotes: dict[str, str] = field(default_factory=dict)     # text the book pages quote (primary finding)
@@ -180,6 +182,10 @@ def _quotes(res: Result, ci_level: float, synthetic: bool) -> tuple[dict, dict]:
     q["paired_summary"] = " ".join(conclusions.paired_sentences(res.paired[res.paired["finding"] == f],
                                                                 ci_level=ci_level))
     q["verdict"] = res.verdict
+    alt = res.alternatives[res.alternatives["finding"] == f] if res.alternatives is not None else None
+    q["alternatives_summary"] = (conclusions.alternatives_sentence(alt, STUDY_ARM, BASELINE, 1 - ci_level,
+                                                                   res.n_seeds)
+                                 if alt is not None and len(alt) > 1 else "No arm besides ERM ran.")
     rec = conclusions.recovery_sentences(res.recovery[res.recovery["finding"] == f].assign(finding=None),
                                          ceiling_arm(), BASELINE)
     q["recovery_summary"] = " ".join(rec) if rec else conclusions.no_ceiling_sentence(ceiling_arm(), synthetic)
@@ -203,6 +209,70 @@ def _quotes(res: Result, ci_level: float, synthetic: bool) -> tuple[dict, dict]:
 
 def _n_seeds(predictions: pd.DataFrame) -> int:
     return int(predictions["seed"].nunique())
+
+
+LABELS_NEEDED = {"training": "train + val", "validation": "val", "none": "none"}
+
+
+def labels_needed(method: str) -> str:
+    """The group labels an arm needs, as the D3M paper's table groups methods."""
+    if method not in _methods.REGISTRY:
+        return "?"
+    m = _methods.get(method)
+    if m.needs_ground_truth:
+        return "planted truth"
+    return LABELS_NEEDED[m.group_labels]
+
+
+def alternatives_table(mc: MethodComparison, versus=(BASELINE, STUDY_ARM)) -> pd.DataFrame:
+    """:meth:`MethodComparison.alternatives` of every finding, with Holm's adjustment of the paired p-values over
+    all of the table's contrasts of a finding (``vs_<r>_p_holm``): each is a secondary, exploratory claim."""
+    frames = []
+    for f in mc.findings:
+        t = mc.alternatives(f, versus)
+        ps = [c for c in t.columns if c.startswith("vs_") and c.endswith("_p")]
+        flat = t[ps].to_numpy().ravel()
+        ok = np.isfinite(flat)
+        adj = np.full(flat.shape, np.nan)
+        if ok.any():
+            adj[ok] = metrics.holm(flat[ok])
+        for i, c in enumerate(ps):
+            t[f"{c}_holm"] = adj.reshape(t[ps].shape)[:, i]
+        frames.append(t.assign(finding=f, labels=[labels_needed(m) for m in t["method"]]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def alternatives_display(res: Result, part: str = "levels", finding: str | None = None,
+                         alpha: float = 0.05) -> pd.DataFrame:
+    """The Results page's comparison with the alternatives for one finding, one row per arm, in two parts that
+    each fit a page: ``levels`` (group labels needed, worst-group and mean accuracy, worst-group AUROC) and
+    ``differences`` (paired worst-group accuracy difference against ERM and against D3M). A difference marked
+    ``*`` is claimed: interval excludes 0 and Holm p < ``alpha``, with more than one seed."""
+    t = res.alternatives[res.alternatives["finding"] == (finding or res.primary)]
+    arm = [_methods.label(m) for m in t["method"]]
+    if part == "levels":
+        return pd.DataFrame({
+            "arm": arm, "group labels": t["labels"].to_numpy(),
+            "worst-group accuracy": [conclusions.interval_text(*v) for v in zip(t["wga"], t["wga_lo"], t["wga_hi"])],
+            "mean accuracy": [conclusions.interval_text(*v) for v in zip(t["acc"], t["acc_lo"], t["acc_hi"])],
+            "worst-group AUROC": [conclusions.interval_text(*v) for v in
+                                  zip(t["wg_auroc"], t["wg_auroc_lo"], t["wg_auroc_hi"])]})
+    if part != "differences":
+        raise ValueError(f"part must be 'levels' or 'differences', got {part!r}")
+
+    def vs(r, ref):
+        if r.method == ref:
+            return "–"
+        d, lo, hi, ph = (getattr(r, f"vs_{ref}{k}") for k in ("", "_lo", "_hi", "_p_holm"))
+        claimed = res.n_seeds > 1 and math.isfinite(ph) and ph < alpha and conclusions.excludes_zero(lo, hi)
+        return conclusions.interval_text(d, lo, hi, signed=True) + (" *" if claimed else "")
+    out = pd.DataFrame({"arm": arm})
+    for ref in (BASELINE, STUDY_ARM):
+        if f"vs_{ref}" in t.columns:
+            out[f"Δ worst-group accuracy vs {_methods.label(ref)}"] = [vs(r, ref) for r in t.itertuples()]
+            out[f"Holm p vs {_methods.label(ref)}"] = [
+                "–" if r.method == ref else f"{getattr(r, f'vs_{ref}_p_holm'):.3f}" for r in t.itertuples()]
+    return out
 
 
 def power_table(res: Result, effect: float) -> pd.DataFrame | None:
@@ -301,14 +371,15 @@ def run(stage, progress: bool = False) -> Result:
         underdiagnosis=mc.underdiagnosis() if NO_FINDING in findings else None, leaders=_leaders(mc, wga),
         seed_diffs=mc.seed_differences(seed_pairs), power=pw, verdict=verdict,
         error_rates=mc.error_rates(findings[0], str(wga.set_index(["finding", "method"]).loc[
-            (findings[0], BASELINE), "worst_group"])))
+            (findings[0], BASELINE), "worst_group"])),
+        alternatives=alternatives_table(mc))
     res.sentences = {"paired": conclusions.paired_sentences(res.paired, ci_level=cfg.ci_level),
                      "recovery": conclusions.recovery_sentences(res.recovery, ceiling_arm(), BASELINE)}
     res.quotes, res.numbers = _quotes(res, cfg.ci_level, _synthetic(rd))
     for name, t in (("worst_group", wga), ("wga_change", res.wga_change), ("paired", res.paired),
                     ("recovery", res.recovery), ("forest", res.forest), ("auroc", res.auroc),
                     ("underdiagnosis", res.underdiagnosis), ("paired_seeds", res.seed_diffs),
-                    ("error_rates", res.error_rates),
+                    ("error_rates", res.error_rates), ("alternatives", res.alternatives),
                     ("power", power_table(res, cfg.smallest_effect))):
         if t is not None:
             t.to_csv(stage.path(f"{name}.csv"), index=False)
