@@ -586,7 +586,8 @@ def baseline_scorer(run_path: str | Path, finding: str, seed: int, cohort: pd.Da
                     cfg, checkpoints: Sequence[int], *, proj_dim: int, lambda_reg: float,
                     batch_size: int, projector_seed: int, device: str = "cpu",
                     featurizer: str = "factorized", read_only: bool = False,
-                    scratch_dir: str | Path | None = None) -> TrakScorer:
+                    scratch_dir: str | Path | None = None, ensemble: Sequence[str | Path] | None = None
+                    ) -> TrakScorer:
     """The TRAK scorer of one finding's baseline seed, in the run folder's layout.
 
     Training images: the finding's ``train`` rows; checkpoints
@@ -595,7 +596,8 @@ def baseline_scorer(run_path: str | Path, finding: str, seed: int, cohort: pd.Da
     ``cfg`` is the baseline's ``training.TrainConfig`` (architecture); images are fed
     through ``training.to_tensor``, exactly as in training. ``featurizer``: parameter
     ``trak_featurizer``. ``read_only``: write nothing into the run folder (see
-    :class:`TrakScorer`).
+    :class:`TrakScorer`). ``ensemble``: folders of subset models (parameter ``trak_models``);
+    then their ``checkpoints`` epochs are TRAK's models, not the anchor's (:func:`ensemble_checkpoints`).
     """
     from . import models, training
     from .rundir import RunDir
@@ -603,7 +605,9 @@ def baseline_scorer(run_path: str | Path, finding: str, seed: int, cohort: pd.Da
     run = RunDir(run_path)
     ck_dir = run.model_dir("03_baseline", finding, seed)
     ckpts = {}
-    for e in checkpoints:
+    if ensemble:
+        ckpts = ensemble_checkpoints(ensemble, checkpoints)
+    for e in ([] if ensemble else checkpoints):
         f = ck_dir / f"epoch_{int(e):02d}.pt"
         if not f.is_file():
             raise FileNotFoundError(f"trak_checkpoints asks for epoch {e}, but {f} does not exist")
@@ -620,7 +624,8 @@ def baseline_scorer(run_path: str | Path, finding: str, seed: int, cohort: pd.Da
                     read_only=read_only, scratch_dir=scratch_dir)
     if not read_only:
         sc.save_config(finding=finding, seed=int(seed), arch=cfg.arch, width=int(cfg.width),
-                       image_size=int(cfg.image_size), epochs=[int(e) for e in checkpoints])
+                       image_size=int(cfg.image_size), epochs=[int(e) for e in checkpoints],
+                       ensemble=[str(Path(d).resolve().relative_to(run.path.resolve())) for d in ensemble or ()])
     return sc
 
 
@@ -653,7 +658,7 @@ def load_scorer(save_dir: str | Path, device: str = "cpu",
                          proj_dim=c["proj_dim"], lambda_reg=c["lambda_reg"],
                          batch_size=c["batch_size"], projector_seed=c["projector_seed"],
                          device=device, featurizer=c.get("featurizer", "traker"), read_only=True,
-                         scratch_dir=scratch_dir)
+                         scratch_dir=scratch_dir, ensemble=[Path(run_path) / d for d in c.get("ensemble", [])])
     return sc
 
 
@@ -713,6 +718,35 @@ def lds_subsets(n_train: int, n_models: int, subset_fraction: float = 0.5, seed:
     """The ``n_models x n_train`` subset masks :func:`lds` draws for ``seed``, in the order it asks for
     their margins (so the models can be trained beforehand, in parallel)."""
     return _subsets(np.random.default_rng(seed), n_train, n_models, subset_fraction)
+
+
+def ensemble_subsets(n_train: int, n_models: int, subset_fraction: float, trak_seed: int, seed: int) -> np.ndarray:
+    """The ``n_models x n_train`` training subsets of one seed's TRAK ensemble (TRAK's Algorithm 1: each model
+    sees a random ``subset_fraction`` of the training images). Deterministic in ``(trak_seed, seed)``; another
+    ``trak_seed`` or training seed draws other subsets (LDS uses a stream of its own)."""
+    return _subsets(np.random.default_rng(np.random.SeedSequence([int(trak_seed), int(seed), 0x7EA4])),
+                    n_train, n_models, subset_fraction)
+
+
+def ensemble_seed(trak_seed: int, seed: int, model: int) -> int:
+    """Training seed (initialisation and batch order) of subset model ``model`` of one seed's ensemble."""
+    return int(np.random.SeedSequence([int(trak_seed), int(seed), int(model), 0x5EED]).generate_state(1)[0]
+               % (2 ** 31))
+
+
+ENSEMBLE_ID = 1000   # model id of subset model m, checkpoint epoch e: m * ENSEMBLE_ID + e
+
+
+def ensemble_checkpoints(model_dirs: Sequence[str | Path], epochs: Sequence[int]) -> dict[int, Path]:
+    """TRAK's model ids of an ensemble: every ``epochs`` checkpoint of every subset model's folder."""
+    out = {}
+    for m, d in enumerate(model_dirs):
+        for e in epochs:
+            f = Path(d) / f"epoch_{int(e):02d}.pt"
+            if not f.is_file():
+                raise FileNotFoundError(f"TRAK ensemble model {m}: checkpoint {f} does not exist")
+            out[m * ENSEMBLE_ID + int(e)] = f
+    return out
 
 
 def lds(scores: np.ndarray, train_subset_margins: Callable[[np.ndarray], np.ndarray],

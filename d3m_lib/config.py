@@ -261,6 +261,12 @@ PARAMS: tuple[Param, ...] = (
       (S04,), kind="view", type="int", check=_range(0)),
     P("trak_batch_size", 128, "images per per-example-gradient batch", (S04,), type="int", check=_range(1)),
     P("trak_seed", 0, "projection seed and choice of example images", (S04,), type="int"),
+    P("trak_models", 0, "TRAK ensemble size M: 0 attributes the anchor's own trak_checkpoints (one model); M >= 1 "
+      "averages TRAK over M models per seed, each trained with the anchor's recipe on a random "
+      "trak_subset_fraction of the training images (TRAK's Algorithm 1), at its trak_checkpoints epochs",
+      (S04,), type="int", check=_range(0)),
+    P("trak_subset_fraction", 0.5, "share of the training images each ensemble model sees", (S04,),
+      type="float", check=_range(0, 1, True, True)),
     P("trak_lds", False, "compute the linear datamodeling score of the first finding and seed (trains "
       "trak_lds_models anchor models on random subsets; params/lds.yaml)", (S04,), type="bool"),
     P("trak_lds_models", 20, "subset models for LDS (at least 20)", (S04,), type="int", check=_range(20)),

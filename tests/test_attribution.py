@@ -211,3 +211,26 @@ def test_load_scorer_round_trip(tmp_path):
     with pytest.raises(FileNotFoundError, match="trak_checkpoints"):
         attribution.baseline_scorer(tmp_path, "Edema", 0, cohort, images, cfg, [3], proj_dim=8,
                                     lambda_reg=0.0, batch_size=16, projector_seed=0)
+
+
+def test_an_ensemble_of_identical_models_equals_one_model(tmp_path, data):
+    images, labels, ckpts = data
+    targets = np.arange(50, 80)
+    one = TrakScorer(cnn, tmp_path / "one", images, np.arange(50), labels, {1: ckpts[1]}, proj_dim=16)
+    same = {m * attribution.ENSEMBLE_ID + 1: ckpts[1] for m in range(3)}
+    three = TrakScorer(cnn, tmp_path / "three", images, np.arange(50), labels, same, proj_dim=16)
+    np.testing.assert_allclose(three.scores(targets), one.scores(targets), rtol=1e-5, atol=1e-10)
+
+
+def test_ensemble_subsets_and_seeds_are_deterministic_given_trak_seed():
+    a = attribution.ensemble_subsets(100, 4, 0.5, trak_seed=0, seed=3)
+    assert a.shape == (4, 100) and (a.sum(axis=1) == 50).all()
+    assert np.array_equal(a, attribution.ensemble_subsets(100, 4, 0.5, trak_seed=0, seed=3))
+    assert not np.array_equal(a, attribution.ensemble_subsets(100, 4, 0.5, trak_seed=1, seed=3))
+    assert not np.array_equal(a, attribution.ensemble_subsets(100, 4, 0.5, trak_seed=0, seed=4))
+    assert not np.array_equal(a[0], a[1])                                   # each model its own subset
+    # the first models of a larger ensemble are the smaller ensemble (M can grow without redrawing)
+    assert np.array_equal(attribution.ensemble_subsets(100, 8, 0.5, 0, 3)[:4], a)
+    seeds = {attribution.ensemble_seed(0, 3, m) for m in range(4)}
+    assert len(seeds) == 4 and attribution.ensemble_seed(0, 3, 0) == attribution.ensemble_seed(0, 3, 0)
+    assert not np.array_equal(a, attribution.lds_subsets(100, 4, 0.5, 0))   # LDS draws its own subsets

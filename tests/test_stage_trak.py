@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from test_stage_baseline import FINDING, build_tiny_run
 
-from d3m_lib import attribution, config
+from d3m_lib import attribution, config, models, training
 from d3m_lib.config import ConfigError
 from d3m_lib.rundir import open_stage
 from d3m_lib.stages import baseline, trak
@@ -101,3 +101,33 @@ def test_real_data_has_no_harm_table(tiny_trak, monkeypatch):
     monkeypatch.setattr(trak, "ground_truth", lambda run: None)
     res = trak.run(open_stage("04_trak", run.path))
     assert res.harm_auroc is None and "no planted ground truth" in res.harm_note
+
+
+def test_an_interrupted_ensemble_resumes_to_identical_features(tmp_path):
+    run = build_tiny_run(tmp_path, trak_models=2, seeds=[0])
+    baseline.run(open_stage("03_baseline", run.path))
+    stage = open_stage("04_trak", run.path)
+    res = trak.run(stage)
+    assert res.summary.loc[0, "models"] == 2 and res.summary.loc[0, "model_ids"] == 2 * len(res.checkpoints)
+    d = run.model_dir("04_trak", FINDING, 0)
+    sc = attribution.load_scorer(d)
+    assert sorted(sc.checkpoints) == [m * attribution.ENSEMBLE_ID + e for m in (0, 1) for e in res.checkpoints]
+    feats = {m: sc.features(m) for m in sc.checkpoints}
+    # interrupt: model 1's training lost; the grid retrains it, to identical weights and features
+    ck = d / "ensemble" / "model01" / f"epoch_{res.checkpoints[-1]:02d}.pt"
+    before = ck.read_bytes()
+    ck.unlink()
+    stage2 = open_stage("04_trak", run.path, replace=True)
+    cohort = run.cohort()
+    out = trak.train_ensembles(stage2, cohort, run.images(cohort["row"]), [(FINDING, 0)])
+    assert ck.read_bytes() == before and len(out["dirs"][(FINDING, 0)]) == 2
+    cfg = stage2.cfg
+    fresh = attribution.TrakScorer(     # features computed anew, in a folder of their own
+        lambda: models.build_model(cfg.arch, num_outputs=1, width=cfg.width), tmp_path / "fresh",
+        run.images(cohort["row"]), sc.train_rows, cohort.set_index("row")[FINDING].dropna(),
+        attribution.ensemble_checkpoints(out["dirs"][(FINDING, 0)], res.checkpoints), proj_dim=cfg.trak_proj_dim,
+        projector_seed=cfg.trak_seed, batch_size=cfg.trak_batch_size, transform=training.to_tensor,
+        featurizer=cfg.trak_featurizer)
+    fresh.featurize()
+    for m, f in feats.items():
+        np.testing.assert_allclose(fresh.features(m), f, rtol=1e-5, atol=1e-8)

@@ -157,6 +157,53 @@ def lds_subset_model(cfg: training.TrainConfig, images, rows, y, targets, out_di
                                                   targets))
 
 
+def ensemble_model(cfg: training.TrainConfig, images, rows, y, epochs, out_dir) -> None:
+    """One subset model of a TRAK ensemble (a grid task): the anchor's recipe on ``rows``; keeps the
+    ``epochs`` checkpoints TRAK featurizes."""
+    out = Path(out_dir)
+    training.train(cfg, images, rows, y, (0, int(cfg.epochs_anchor)), out, progress=False)
+    keep = {out / f"epoch_{int(e):02d}.pt" for e in epochs}
+    for f in out.glob("epoch_*.pt"):
+        if f not in keep:
+            f.unlink()
+
+
+def train_ensembles(stage: Stage, cohort: pd.DataFrame, images, jobs, progress: bool = False) -> dict:
+    """Every (finding, seed)'s ``trak_models`` subset models, as one wave of the training grid.
+
+    Model ``m`` of a seed trains on :func:`attribution.ensemble_subsets` ``[m]`` with seed
+    :func:`attribution.ensemble_seed`, in ``04_trak/<finding>/seed<s>/ensemble/model<m>/``;
+    recorded with its subset's hash and seed, so an interrupted stage resumes.
+    Returns ``{(finding, seed): [model folders]}``.
+    """
+    cfg = stage.cfg
+    dev = str(training.resolve_device(cfg.device))
+    tasks, dirs = [], {}
+    for finding, seed in jobs:
+        tr_rows, tr_y, _ = training.task_rows(cohort, finding, "train")
+        masks = attribution.ensemble_subsets(len(tr_rows), cfg.trak_models, cfg.trak_subset_fraction,
+                                             cfg.trak_seed, seed)
+        for m, mask in enumerate(masks):
+            ms = attribution.ensemble_seed(cfg.trak_seed, seed, m)
+            tcfg = training.TrainConfig.from_params(cfg.values, seed=ms, device=dev)
+            out = stage.run.model_dir("04_trak", finding, seed) / "ensemble" / f"model{m:02d}"
+            tasks.append(grid.Task(
+                f"ensemble/{finding}/seed{seed}/model{m:02d}", "d3m_lib.stages.trak:ensemble_model",
+                dict(cfg=tcfg, images=images, rows=tr_rows[mask], y=tr_y[mask], epochs=list(cfg.trak_checkpoints),
+                     out_dir=out),
+                signature={"subset": hashlib.sha256(np.packbits(mask).tobytes()).hexdigest(), "seed": ms,
+                           "epochs": list(cfg.trak_checkpoints)},
+                files=tuple(out / f"epoch_{int(e):02d}.pt" for e in cfg.trak_checkpoints)))
+            dirs.setdefault((finding, seed), []).append(out)
+    with grid.Grid(stage, "04 TRAK ensemble models", progress=progress) as g:
+        res = g.run(tasks)
+    seconds = {}
+    for t, r in zip(tasks, res):
+        f, s = t.key.split("/")[1], int(t.key.split("/")[2][4:])
+        seconds[(f, s)] = seconds.get((f, s), 0.0) + r.seconds
+    return {"dirs": dirs, "seconds": seconds}
+
+
 def linear_datamodeling(stage: Stage, scorer, cohort: pd.DataFrame, images, finding: str, seed: int, *,
                         n_models: int, n_targets: int, subset_fraction: float, progress: bool = False) -> dict:
     """LDS of ``scorer`` (one finding and seed) from ``n_models`` anchor models on random subsets.
@@ -219,13 +266,16 @@ def run(stage: Stage, progress: bool = False) -> Result:
 
     records, scorers, taus, losses = [], {}, {}, {}
     jobs = [(f, s) for f in findings for s in cfg.seeds]
+    ens = (train_ensembles(stage, cohort, images, jobs, progress) if cfg.trak_models
+           else {"dirs": {}, "seconds": {}})
     for finding, seed in tqdm(jobs, desc="TRAK", disable=not progress):
         tcfg = training.TrainConfig.from_params(cfg.values, seed=seed, device=dev)
         t0 = time.time()
         sc = attribution.baseline_scorer(run_.path, finding, seed, cohort, images, tcfg, cfg.trak_checkpoints,
                                          proj_dim=cfg.trak_proj_dim, lambda_reg=cfg.trak_lambda_reg,
                                          batch_size=cfg.trak_batch_size, projector_seed=cfg.trak_seed,
-                                         device=dev, featurizer=cfg.trak_featurizer)
+                                         device=dev, featurizer=cfg.trak_featurizer,
+                                         ensemble=ens["dirs"].get((finding, seed)))
         if cfg.trak_ray_workers:  # the same features, computed in shards on Ray workers
             from ..ray_featurize import featurize_on_ray
 
@@ -240,8 +290,10 @@ def run(stage: Stage, progress: bool = False) -> Result:
         scorers[(finding, seed)], taus[(finding, seed)] = sc, tau
         losses[(finding, seed)] = _anchor_losses(run_, finding, seed, ea, cfg.min_group_n)
         records.append(dict(finding=finding, seed=seed, n_train=len(sc.train_rows), n_validate=len(val_rows),
-                            groups=tau.shape[1], featurize_s=round(t_feat, 1),
-                            total_s=round(time.time() - t0, 1)))
+                            groups=tau.shape[1], models=max(int(cfg.trak_models), 1),
+                            model_ids=len(sc.checkpoints),
+                            ensemble_train_s=round(ens["seconds"].get((finding, seed), 0.0), 1),
+                            featurize_s=round(t_feat, 1), total_s=round(time.time() - t0, 1)))
     summary = pd.DataFrame(records)
 
     first = (findings[0], cfg.seeds[0])
