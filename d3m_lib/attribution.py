@@ -769,6 +769,18 @@ def lds(scores: np.ndarray, train_subset_margins: Callable[[np.ndarray], np.ndar
     n_train, n_targets = scores.shape
     masks = _subsets(rng, n_train, n_models, subset_fraction)
     actual = np.array([np.asarray(train_subset_margins(m), dtype=np.float64) for m in masks])
+    return lds_from_models(scores, masks, actual, n_boot, ci_level, rng)
+
+
+def lds_from_models(scores: np.ndarray, masks: np.ndarray, actual: np.ndarray, n_boot: int = 1000,
+                    ci_level: float = 0.95, seed=0) -> dict:
+    """LDS from models already trained: ``masks`` (models x train) their training subsets, ``actual``
+    (models x targets) their margins on the targets (:func:`lds`'s second half)."""
+    masks, actual = np.asarray(masks, dtype=bool), np.asarray(actual, dtype=np.float64)
+    n_models, n_targets = len(masks), scores.shape[1]
+    if n_models < 3:
+        raise ValueError(f"LDS needs at least 3 subset models, got {n_models}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     predicted = masks.astype(np.float64) @ scores
     rho = np.array([stats.spearmanr(predicted[:, j], actual[:, j]).statistic
                     for j in range(n_targets)])

@@ -104,14 +104,17 @@ def test_real_data_has_no_harm_table(tiny_trak, monkeypatch):
 
 
 def test_an_interrupted_ensemble_resumes_to_identical_features(tmp_path):
-    run = build_tiny_run(tmp_path, trak_models=2, seeds=[0])
+    run = build_tiny_run(tmp_path, trak_models=3, seeds=[0, 1], trak_checkpoints=[2], trak_lds_targets=100)
     baseline.run(open_stage("03_baseline", run.path))
     stage = open_stage("04_trak", run.path)
     res = trak.run(stage)
-    assert res.summary.loc[0, "models"] == 2 and res.summary.loc[0, "model_ids"] == 2 * len(res.checkpoints)
+    assert (res.summary["models"] == 3).all() and (res.summary["model_ids"] == 3).all()
+    # LDS for free: seed 0's scores against seed 1's three ensemble models
+    assert res.lds is not None and res.lds["n_models"] == 3 and res.lds["models_from"].startswith("other seeds")
+    assert -1 <= res.lds["lo"] <= res.lds["lds"] <= res.lds["hi"] <= 1
     d = run.model_dir("04_trak", FINDING, 0)
     sc = attribution.load_scorer(d)
-    assert sorted(sc.checkpoints) == [m * attribution.ENSEMBLE_ID + e for m in (0, 1) for e in res.checkpoints]
+    assert sorted(sc.checkpoints) == [m * attribution.ENSEMBLE_ID + 2 for m in (0, 1, 2)]
     feats = {m: sc.features(m) for m in sc.checkpoints}
     # interrupt: model 1's training lost; the grid retrains it, to identical weights and features
     ck = d / "ensemble" / "model01" / f"epoch_{res.checkpoints[-1]:02d}.pt"
@@ -120,7 +123,7 @@ def test_an_interrupted_ensemble_resumes_to_identical_features(tmp_path):
     stage2 = open_stage("04_trak", run.path, replace=True)
     cohort = run.cohort()
     out = trak.train_ensembles(stage2, cohort, run.images(cohort["row"]), [(FINDING, 0)])
-    assert ck.read_bytes() == before and len(out["dirs"][(FINDING, 0)]) == 2
+    assert ck.read_bytes() == before and len(out["dirs"][(FINDING, 0)]) == 3
     cfg = stage2.cfg
     fresh = attribution.TrakScorer(     # features computed anew, in a folder of their own
         lambda: models.build_model(cfg.arch, num_outputs=1, width=cfg.width), tmp_path / "fresh",

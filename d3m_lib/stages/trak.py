@@ -251,6 +251,41 @@ def linear_datamodeling(stage: Stage, scorer, cohort: pd.DataFrame, images, find
     return res
 
 
+def heldout_lds(stage: Stage, scorer, cohort: pd.DataFrame, images, finding: str, seed: int, ensembles: dict
+                ) -> dict:
+    """LDS of one seed's ensemble scores, measured on the *other* seeds' ensemble models of the finding.
+
+    Each of those models was trained with the anchor's recipe on its own random subset (:func:`train_ensembles`),
+    independently of this seed's scores, so they serve as LDS subset models at no training cost:
+    ``trak_models x (seeds - 1)`` of them, margins on ``trak_lds_targets`` validation images (drawn with
+    ``trak_seed + 1``, as :func:`linear_datamodeling`). Written to ``lds.json``.
+    """
+    cfg = stage.cfg
+    val_rows, val_y, _ = training.task_rows(cohort, finding, "validate")
+    pick = np.random.default_rng(cfg.trak_seed + 1).choice(len(val_rows), size=min(cfg.trak_lds_targets,
+                                                                                    len(val_rows)), replace=False)
+    targets, y_t = val_rows[pick], val_y[pick]
+    n = len(scorer.train_rows)
+    last = int(max(cfg.trak_checkpoints))
+    masks, actual = [], []
+    dev = str(training.resolve_device(cfg.device))
+    tcfg = training.TrainConfig.from_params(cfg.values, seed=seed, device=dev)
+    for s in cfg.seeds:
+        if s == seed or (finding, s) not in ensembles:
+            continue
+        sub = attribution.ensemble_subsets(n, cfg.trak_models, cfg.trak_subset_fraction, cfg.trak_seed, s)
+        for m, d in enumerate(ensembles[(finding, s)]):
+            masks.append(sub[m])
+            actual.append((2 * y_t - 1) * training.predict(d / f"epoch_{last:02d}.pt", tcfg, images, targets))
+    res = attribution.lds_from_models(scorer.scores(targets, exp_name="lds"), np.array(masks), np.array(actual),
+                                      n_boot=cfg.n_boot_descriptive, ci_level=cfg.ci_level, seed=cfg.trak_seed)
+    res = {**res, "per_target": [float(v) for v in res["per_target"]], "finding": finding, "seed": int(seed),
+           "targets": [int(t) for t in targets], "subset_fraction": float(cfg.trak_subset_fraction),
+           "ci_level": float(cfg.ci_level), "models_from": "other seeds' ensemble models"}
+    stage.path("lds.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
 def run(stage: Stage, progress: bool = False) -> Result:
     """Featurize and score every (finding, seed), check the attribution, write, finish the stage."""
     from tqdm.auto import tqdm
@@ -326,6 +361,9 @@ def run(stage: Stage, progress: bool = False) -> Result:
         lds = linear_datamodeling(stage, scorers[first], cohort, images, *first, n_models=cfg.trak_lds_models,
                                   n_targets=cfg.trak_lds_targets, subset_fraction=cfg.trak_lds_subset_fraction,
                                   progress=progress)
+        lds_note = ""
+    elif cfg.trak_models and cfg.trak_models * (len(cfg.seeds) - 1) >= 3:   # free: the other seeds' models
+        lds = heldout_lds(stage, scorers[first], cohort, images, *first, ens["dirs"])
         lds_note = ""
 
     stage.save_table(summary, "summary.csv")
