@@ -749,6 +749,26 @@ def ensemble_checkpoints(model_dirs: Sequence[str | Path], epochs: Sequence[int]
     return out
 
 
+def ensemble_quality_table(record: Mapping) -> pd.DataFrame:
+    """Display table of ``benchmarks/bench_trak_ensemble.py``'s record: one row per ensemble size."""
+    from .conclusions import interval_text
+
+    rows = pd.DataFrame(record["rows"])
+    kinds = [c[len("auroc_"):] for c in rows.columns if c.startswith("auroc_") and c != "auroc_all"]
+    out = pd.DataFrame({
+        "TRAK models": [f"anchor, epochs {', '.join(map(str, record['checkpoints_anchor']))}" if v == "anchor"
+                        else v.replace("M=", "M = ") for v in rows["variant"]],
+        "LDS [95% CI]": [interval_text(v, lo, hi) for v, lo, hi in zip(rows["lds"], rows["lds_lo"], rows["lds_hi"])],
+        "Spearman of A_i, two ensembles": rows["spearman_ab"].map("{:.2f}".format),
+        "removed sets shared": rows["removed_overlap"].map("{:.0%}".format)})
+    for kind in kinds:
+        out[f"AUROC of A_i: {kind.replace('_', ' ')}"] = rows[f"auroc_{kind}"].map("{:.2f}".format)
+        out[f"precision at k: {kind.replace('_', ' ')} (base {rows[f'base_rate_{kind}'].iloc[0]:.3f})"] = \
+            rows[f"precision_{kind}"].map("{:.3f}".format)
+    out["seconds (train + featurize)"] = [f"{t:.0f} + {f:.0f}" for t, f in zip(rows["train_s"], rows["featurize_s"])]
+    return out
+
+
 def lds(scores: np.ndarray, train_subset_margins: Callable[[np.ndarray], np.ndarray],
         n_models: int, subset_fraction: float = 0.5, seed: int = 0, n_boot: int = 1000,
         ci_level: float = 0.95) -> dict:

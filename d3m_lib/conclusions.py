@@ -314,3 +314,28 @@ def alternatives_sentence(table: pd.DataFrame, study: str = "d3m", baseline: str
             parts.append(f"no arm differs reliably from {_methods.label(ref)}")
     seeds = f" at {n_seeds} seeds" if n_seeds else ""
     return (f"Worst-group accuracy, paired and Holm-corrected over the table{seeds}: " + "; ".join(parts) + ".")
+
+
+TARGETING_CHANGED = 0.25   # below this share of changed removals, the weighting "barely targets" the worst group
+
+
+def targeting_sentence(weighting: pd.DataFrame, group_losses: pd.DataFrame, weighting_kind: str, beta: float
+                       ) -> str:
+    """Whether D3M's weighting targets the worst group, in numbers (one finding, the run's groups; every seed).
+
+    ``weighting``: stage 05's weighting rows (``changed`` of the equal-weight row: the share of its removed
+    images that the run's own rule does not remove); ``group_losses``: finding, seed, group, loss, weight.
+    """
+    eq = weighting[(weighting["weighting"] == "softmax") & (weighting["beta"] == 0.0)]
+    changed = float(eq["changed"].mean())
+    gl = group_losses.dropna(subset=["weight"])
+    worst = gl.loc[gl.groupby("seed")["loss"].idxmax()]
+    n_groups = gl.groupby("seed")["group"].nunique().mean()
+    top = worst["group"].value_counts()
+    setting = f"softmax β = {beta:g}" if weighting_kind == "softmax" else "linear weighting"
+    verdict = ("barely targets the worst group" if changed < TARGETING_CHANGED
+               else "moves the selection towards the worst group")
+    return (f"The highest-loss group ({top.index[0]}, {top.iloc[0]} of {len(worst)} seeds) gets weight "
+            f"{worst['weight'].mean():.2f} under {setting} (equal weights: {1 / n_groups:.2f}), and "
+            f"{changed:.0%} of the images equal weighting would remove are not removed (mean over seeds; "
+            f"below {TARGETING_CHANGED:.0%} we read it as no targeting): the weighting {verdict}.")

@@ -55,6 +55,7 @@ class SelectionContext:
     removal_seed: int = 0
     d3m_kept: np.ndarray | None = None
     auto_d3m_kept: np.ndarray | None = None
+    d3m_cells_kept: np.ndarray | None = None       # D3M with race x label groups, at D3M's count
     n_removed: dict = field(default_factory=dict)
     train_image_ids: np.ndarray | None = None
     planted_ids: set | None = None
@@ -75,7 +76,7 @@ class Method:
     name: str
     label: str
     description: str
-    order: int
+    order: float
     group_labels: str = "none"     # the most it needs: none, validation, training (GROUP_LABELS)
     needs_ground_truth: bool = False
     needs_trak: bool = False
@@ -250,6 +251,10 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("d3m", "D3M", "D3M: removes the training images whose TRAK alignment with the worst groups' "
            "validation loss is negative (or the k lowest)", 2, group_labels="validation", needs_trak=True,
            paper="Jain et al. 2024", select=_given("d3m_kept", "d3m")),
+    Method("d3m_cells", "D3M (race × label)", "D3M weighing race x label groups (the D3M paper's (class, "
+           "attribute) groups) instead of the run's d3m_groups, removing as many images as D3M", 2.5,
+           group_labels="validation", needs_trak=True, count_from="d3m", paper="Jain et al. 2024",
+           select=_given("d3m_cells_kept", "d3m_cells")),
     Method("random", "random", "removes as many training images as D3M, uniformly at random", 3,
            count_from="d3m", drawn=True, select=_count_matched("d3m", "random")),
     Method("balanced", "group-balanced", "subsamples every group to the smallest group's size "

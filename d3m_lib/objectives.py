@@ -187,7 +187,8 @@ def fit_last_layer(X: np.ndarray, y, groups, C: float, seed, n_subsamples: int =
     coefs, icpts = [], []
     for _ in range(int(n_subsamples)):
         pos = _balanced_subsample(c, rng)
-        lr = LogisticRegression(C=float(C), solver="liblinear", max_iter=1000, **_L1)
+        lr = LogisticRegression(C=float(C), solver="liblinear", max_iter=1000,   # liblinear shuffles: seed it
+                                random_state=int(rng.integers(2 ** 31)), **_L1)
         lr.fit(X[pos], y[pos])
         coefs.append(lr.coef_[0])
         icpts.append(lr.intercept_[0])

@@ -93,3 +93,15 @@ def test_removal_sentence():
     s = c.removal_sentence("d3m", "Asian", 0.25, 0.1, noun="race")
     assert s == ("D3M removed 25.0% of the race group Asian's training images, the highest rate of any group "
                  "(all groups: 10.0%).")
+
+
+def test_targeting_sentence_reads_the_equal_weight_row():
+    from d3m_lib import conclusions
+
+    w = pd.DataFrame({"weighting": ["softmax", "softmax"], "beta": [0.0, 1.0], "changed": [0.1, 0.0]})
+    gl = pd.DataFrame({"seed": [0, 0, 1, 1], "group": ["A", "B", "A", "B"], "loss": [0.9, 0.3, 0.8, 0.2],
+                       "weight": [0.6, 0.4, 0.65, 0.35]})
+    s = conclusions.targeting_sentence(w, gl, "softmax", 1.0)
+    assert "(A, 2 of 2 seeds) gets weight 0.62" in s and "equal weights: 0.50" in s
+    assert "10% of the images" in s and "barely targets" in s
+    assert "moves the selection" in conclusions.targeting_sentence(w.assign(changed=[0.4, 0.0]), gl, "softmax", 1.0)

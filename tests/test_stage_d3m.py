@@ -112,12 +112,16 @@ def test_oracle_removes_exactly_the_planted_images_and_tables_are_filled(result)
     pl = res.planted.set_index("method")
     assert pl.loc["oracle", "precision"] == 1.0 and pl.loc["oracle", "recall"] == 1.0
     assert pl.loc["oracle", "n_removed"] == 12
-    w = res.weighting
-    assert list(w["beta"].iloc[:4]) == [0.0, 1.0, 5.0, 20.0] and w["weighting"].iloc[-1] == "linear"
-    wcols = [c for c in w.columns if c.startswith("w_")]
-    assert np.allclose(w.loc[w["weighting"] == "softmax", wcols].sum(axis=1), 1.0)
-    assert np.allclose(w.iloc[0][wcols].astype(float), 1 / len(wcols))        # beta 0: equal weights
-    assert w["changed"].between(0, 1).all() and w["recall"].between(0, 1).all()
+    assert set(res.weighting["groups"]) == {"race", "race_x_label"}      # both group choices, no retraining
+    for kind, w in res.weighting.groupby("groups"):
+        assert list(w["beta"].iloc[:4]) == [0.0, 1.0, 5.0, 20.0] and w["weighting"].iloc[4] == "linear"
+        wcols = [c for c in w.columns if c.startswith("w_") and w[c].notna().all()]
+        assert np.allclose(w.loc[w["weighting"] == "softmax", wcols].sum(axis=1), 1.0)
+        assert np.allclose(w.iloc[0][wcols].astype(float), 1 / len(wcols))    # beta 0: equal weights
+        assert w["changed"].between(0, 1).all() and w["recall"].between(0, 1).all()
+    # the run's own setting (race, softmax beta 1) removes exactly D3M's set
+    own = res.weighting[(res.weighting["groups"] == "race") & (res.weighting["beta"] == 1.0)]
+    assert (own["changed"] == 0).all()
     assert set(res.auto_groups["pseudo"]) <= {"y0_a", "y0_b", "y1_a", "y1_b"}
 
 
@@ -165,7 +169,7 @@ def test_arms_needing_training_group_labels_are_refused_by_name():
 def test_loss_filter_and_oracle_k_remove_d3ms_count(result):
     _, _, _, res = result
     n = res.arms.set_index(["method", "draw"])["n_removed"]
-    assert n.loc[("loss_filter", 0)] == n.loc[("d3m", 0)] == n.loc[("oracle_k", 0)] > 0
+    assert n.loc[("loss_filter", 0)] == n.loc[("d3m", 0)] == n.loc[("oracle_k", 0)] == n.loc[("d3m_cells", 0)] > 0
     pl = res.planted.set_index("method")
     assert pl.loc["oracle_k", "precision"] == 1.0 or pl.loc["oracle_k", "recall"] == 1.0   # planted first
 

@@ -304,15 +304,22 @@ def run(stage, progress: bool = False) -> Result:
                         cache["s"] = attribution.load_scorer(tdir, device=dev)   # read-only
                     return cache["s"]
 
-                vgroups = d3m.d3m_groups(va[2], va[1], cfg.d3m_groups)
-                gl = d3m.group_losses(base_val["y"], base_val["logit"], vgroups)
-                if cfg.d3m_groups == "race":
-                    tau = pd.read_parquet(tdir / "tau.parquet")
-                else:
-                    blocks, G = scorer().score_factors("validate")
-                    tau = d3m.group_tau(blocks, G, vgroups, tr[0])
-                if not np.array_equal(tau.index.to_numpy(), tr[0]):
-                    raise RuntimeError(f"TRAK scores in {tdir} do not cover {finding}'s training rows; re-run 04_trak")
+                def view(kind, tdir=tdir, tr=tr, va=va, base_val=base_val, scorer=scorer):
+                    """(tau, group losses) of D3M's groups ``kind``: race, or race x label."""
+                    vgroups = d3m.d3m_groups(va[2], va[1], kind)
+                    gl_ = d3m.group_losses(base_val["y"], base_val["logit"], vgroups)
+                    if kind == "race":
+                        tau_ = pd.read_parquet(tdir / "tau.parquet")
+                    else:
+                        blocks, G = scorer().score_factors("validate")
+                        tau_ = d3m.group_tau(blocks, G, vgroups, tr[0])
+                    if not np.array_equal(tau_.index.to_numpy(), tr[0]):
+                        raise RuntimeError(f"TRAK scores in {tdir} do not cover {finding}'s training rows; "
+                                           f"re-run 04_trak")
+                    return tau_, gl_
+
+                views = {kind: view(kind) for kind in dict.fromkeys([cfg.d3m_groups, *d3m.GROUPINGS])}
+                tau, gl = views[cfg.d3m_groups]
                 w = d3m.group_weights(gl.loc[list(tau.columns)], cfg.d3m_weighting, cfg.d3m_beta)
                 losses.append(pd.DataFrame({"finding": finding, "seed": seed, "group": gl.index,
                                             "loss": gl.to_numpy(), "weight": w.reindex(gl.index).to_numpy()}))
@@ -326,7 +333,8 @@ def run(stage, progress: bool = False) -> Result:
                     ct = pd.crosstab(pd.Series(va[2], name="group"), pd.Series(auto.pseudo_groups, name="pseudo"))
                     auto_ct.append(ct.stack().rename("n").reset_index().assign(
                         finding=finding, seed=seed, evr=auto.explained_variance_ratio))
-                ps = per_seed[seed] = dict(score=score, auto=auto, tau=tau, gl=gl, tcfg=tcfg, tr=tr, va=va, te=te,
+                ps = per_seed[seed] = dict(score=score, auto=auto, tau=tau, gl=gl, views=views, tcfg=tcfg, tr=tr,
+                                           va=va, te=te,
                                            anchor=bdir / f"epoch_{ea:02d}.pt",
                                            erm_checkpoint=bdir / f"epoch_{et:02d}.pt",
                                            steps=training.continuation_steps(tcfg, n_train),
@@ -413,14 +421,20 @@ def run(stage, progress: bool = False) -> Result:
                              if ps["auto"] is not None else None)
                 sels.append(pd.DataFrame({"finding": finding, "method": "erm", "seed": seed, "draw": 0, "row": tr[0],
                                           "kept": True}))
-                weighting.append(d3m.weighting_table(ps["tau"], ps["gl"], int((~d3m_kept).sum()), d3m_kept,
-                                                     f["planted"], BETAS).assign(finding=finding, seed=seed))
+                for kind, (tau_k, gl_k) in ps["views"].items():   # both group choices, without retraining
+                    weighting.append(d3m.weighting_table(tau_k, gl_k, int((~d3m_kept).sum()), d3m_kept,
+                                                         f["planted"], BETAS).assign(finding=finding, seed=seed,
+                                                                                     groups=kind))
+                tau_c, gl_c = ps["views"]["race_x_label"]
+                cells_kept = d3m.select(d3m.alignment_scores(tau_c, gl_c, cfg.d3m_weighting, cfg.d3m_beta),
+                                        "k_lowest", int((~d3m_kept).sum())).to_numpy()
                 n_removed: dict = {}
                 for m in arms:
                     spec = methods.get(m)
                     for draw in range(methods.draws(m, cfg.random_draws)):
                         ctx = _context(f, ps, seed, cfg, dataset, draw=draw, hp=f["hp"].get(m, {}), n_removed=n_removed,
                                        d3m_kept=d3m_kept, auto_kept=auto_kept)
+                        ctx.d3m_cells_kept = cells_kept
                         plan = objectives.as_plan(spec.select(ctx), n_train_f, m)
                         n_removed.setdefault(m, int((~plan.kept).sum()))
                         name = (f"dfr_C{f['hp_index'][m]}" if spec.trainer == "dfr" else
