@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", help="where models and features go (default: a new temporary folder)")
     ap.add_argument("--out", default="benchmarks/results/trak_ensemble.json")
     ap.add_argument("--book-csv", help="also write the book's table here (with the record beside it as .json), "
-                                       "e.g. book/attribution/trak_ensemble.csv")
+                                       "e.g. book/attribution/trak_ensemble.csv (two tables: _stability, _harm)")
     a = ap.parse_args(argv)
 
     run = RunDir(a.run)
@@ -165,7 +165,9 @@ def main(argv=None) -> int:
     print(f"wrote {a.out}")
     if a.book_csv:   # the attribution-quality page's table
         Path(a.book_csv).parent.mkdir(parents=True, exist_ok=True)
-        attribution.ensemble_quality_table(out).to_csv(a.book_csv, index=False)
+        for part in ("stability", "harm"):
+            attribution.ensemble_quality_table(out, part).to_csv(
+                Path(a.book_csv).with_name(f"{Path(a.book_csv).stem}_{part}.csv"), index=False)
         Path(a.book_csv).with_suffix(".json").write_text(json.dumps(out, indent=1))
         print(f"wrote {a.book_csv}")
     return 0

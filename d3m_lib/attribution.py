@@ -749,23 +749,31 @@ def ensemble_checkpoints(model_dirs: Sequence[str | Path], epochs: Sequence[int]
     return out
 
 
-def ensemble_quality_table(record: Mapping) -> pd.DataFrame:
-    """Display table of ``benchmarks/bench_trak_ensemble.py``'s record: one row per ensemble size."""
+def ensemble_quality_table(record: Mapping, part: str = "stability") -> pd.DataFrame:
+    """Display table of ``benchmarks/bench_trak_ensemble.py``'s record, one row per ensemble size, in two parts
+    that each fit a page: ``stability`` (LDS, agreement of two independent ensembles, seconds) and ``harm``
+    (AUROC of -A_i and precision of the k lowest per planted mechanism)."""
     from .conclusions import interval_text
 
     rows = pd.DataFrame(record["rows"])
+    out = pd.DataFrame({"TRAK models": [f"anchor, epochs {', '.join(map(str, record['checkpoints_anchor']))}"
+                                        if v == "anchor" else v.replace("M=", "M = ") for v in rows["variant"]]})
+    if part == "stability":
+        out["LDS [95% CI]"] = [interval_text(v, lo, hi) for v, lo, hi in zip(rows["lds"], rows["lds_lo"],
+                                                                                rows["lds_hi"])]
+        out["Spearman of A_i, two ensembles"] = rows["spearman_ab"].map("{:.2f}".format)
+        out["removed sets shared"] = rows["removed_overlap"].map("{:.0%}".format)
+        out["seconds: train + featurize"] = [f"{t:.0f} + {f:.0f}" for t, f in zip(rows["train_s"],
+                                                                                  rows["featurize_s"])]
+        return out
+    if part != "harm":
+        raise ValueError(f"part must be 'stability' or 'harm', got {part!r}")
     kinds = [c[len("auroc_"):] for c in rows.columns if c.startswith("auroc_") and c != "auroc_all"]
-    out = pd.DataFrame({
-        "TRAK models": [f"anchor, epochs {', '.join(map(str, record['checkpoints_anchor']))}" if v == "anchor"
-                        else v.replace("M=", "M = ") for v in rows["variant"]],
-        "LDS [95% CI]": [interval_text(v, lo, hi) for v, lo, hi in zip(rows["lds"], rows["lds_lo"], rows["lds_hi"])],
-        "Spearman of A_i, two ensembles": rows["spearman_ab"].map("{:.2f}".format),
-        "removed sets shared": rows["removed_overlap"].map("{:.0%}".format)})
     for kind in kinds:
-        out[f"AUROC of A_i: {kind.replace('_', ' ')}"] = rows[f"auroc_{kind}"].map("{:.2f}".format)
-        out[f"precision at k: {kind.replace('_', ' ')} (base {rows[f'base_rate_{kind}'].iloc[0]:.3f})"] = \
+        out[f"AUROC: {kind.replace('_', ' ')}"] = rows[f"auroc_{kind}"].map("{:.2f}".format)
+    for kind in kinds:
+        out[f"precision: {kind.replace('_', ' ')} (base {rows[f'base_rate_{kind}'].iloc[0]:.3f})"] = \
             rows[f"precision_{kind}"].map("{:.3f}".format)
-    out["seconds (train + featurize)"] = [f"{t:.0f} + {f:.0f}" for t, f in zip(rows["train_s"], rows["featurize_s"])]
     return out
 
 

@@ -249,8 +249,9 @@ PARAMS: tuple[Param, ...] = (
     P("min_group_pos", 5, "positives a group needs in each split for a finding to be eligible", (S02,),
       type="int", check=_range(0)),
     # -- TRAK --------------------------------------------------------------------------------
-    P("trak_checkpoints", [3, 4, 5], "anchor epochs (up to epochs_anchor) whose checkpoints TRAK averages over; "
-      "TRAK attributes the model D3M edits, never continued-ERM epochs", (S04,),
+    P("trak_checkpoints", [5], "epochs (up to epochs_anchor) whose checkpoints TRAK averages over: of each "
+      "ensemble model, or of the anchor when trak_models is 0 (then e.g. [3, 4, 5]); never continued-ERM epochs",
+      (S04,),
       type="int_list", check=_unique_nonempty),
     P("trak_proj_dim", 256, "JL projection dimension (below the number of training images)", (S04,),
       type="int", check=_range(1)),
@@ -261,7 +262,7 @@ PARAMS: tuple[Param, ...] = (
       (S04,), kind="view", type="int", check=_range(0)),
     P("trak_batch_size", 128, "images per per-example-gradient batch", (S04,), type="int", check=_range(1)),
     P("trak_seed", 0, "projection seed and choice of example images", (S04,), type="int"),
-    P("trak_models", 0, "TRAK ensemble size M: 0 attributes the anchor's own trak_checkpoints (one model); M >= 1 "
+    P("trak_models", 4, "TRAK ensemble size M: 0 attributes the anchor's own trak_checkpoints (one model); M >= 1 "
       "averages TRAK over M models per seed, each trained with the anchor's recipe on a random "
       "trak_subset_fraction of the training images (TRAK's Algorithm 1), at its trak_checkpoints epochs",
       (S04,), type="int", check=_range(0)),
@@ -298,8 +299,9 @@ PARAMS: tuple[Param, ...] = (
       "L2-normalised score rows, sign of the top PC), pca (one PCA over all) or kmeans", (S05,),
       choices=("pca_per_class", "pca", "kmeans")),
     P("methods", None, "arms to retrain (d3m_lib.methods); null: the default arms the data allows (on "
-      "synthetic data d3m, random, balanced, auto_d3m, auto_random, loss_filter, rwg, dfr and oracle; on real "
-      "data all but oracle); group_dro, jtt and oracle_k run when named (params/baselines.yaml names every arm)",
+      "synthetic data d3m, d3m_cells, random, auto_d3m, auto_random, loss_filter, rwg, dfr and oracle; on real "
+      "data all but oracle); balanced, group_dro, jtt and oracle_k run when named (params/baselines.yaml names "
+      "every arm)",
       (S05,), type="str_list", nullable=True, check=_methods),
     P("group_labels", "training", "the protected-group labels the arms may use: training (every training and "
       "validation image) or validation (validation images only, as for a practitioner who never labelled the "

@@ -258,7 +258,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("random", "random", "removes as many training images as D3M, uniformly at random", 3,
            count_from="d3m", drawn=True, select=_count_matched("d3m", "random")),
     Method("balanced", "group-balanced", "subsamples every group to the smallest group's size "
-           "(needs the group of every training image)", 4, group_labels="training", select=_balanced),
+           "(needs the group of every training image)", 4, group_labels="training", default=False,
+           select=_balanced),
     Method("auto_d3m", "Auto-D3M", "D3M with pseudo-groups found from TRAK scores instead of group labels", 5,
            needs_trak=True, paper="Jain et al. 2024", select=_given("auto_d3m_kept", "auto_d3m")),
     Method("auto_random", "random (Auto-D3M count)", "removes as many training images as Auto-D3M, "

@@ -173,7 +173,7 @@ def build_fake_run(root: Path, seed: int = 0, with_trak: bool = True, trak_seeds
     rng = np.random.default_rng(seed)
     run = RunDir(root / "run")
     cfg = config.resolve({"image_size": FAKE_PX, "width": 4, "min_group_n": 5, "n_boot": 50,
-                          "n_targets": 2, "n_top": 4, "trak_checkpoints": [5]})
+                          "n_targets": 2, "n_top": 4, "trak_models": 0, "trak_checkpoints": [5]})
     cohort, data = write_fake_cohort_stage(run, cfg, root, FAKE_PX, rng)
     gt_rows = cohort[cohort["split"] == "train"].sample(30, random_state=seed)
     gt = pd.DataFrame({"dicom_id": gt_rows["image_id"], "subject_id": gt_rows["subject_id"],

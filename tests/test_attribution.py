@@ -234,3 +234,16 @@ def test_ensemble_subsets_and_seeds_are_deterministic_given_trak_seed():
     seeds = {attribution.ensemble_seed(0, 3, m) for m in range(4)}
     assert len(seeds) == 4 and attribution.ensemble_seed(0, 3, 0) == attribution.ensemble_seed(0, 3, 0)
     assert not np.array_equal(a, attribution.lds_subsets(100, 4, 0.5, 0))   # LDS draws its own subsets
+
+
+def test_the_attribution_page_table_is_the_committed_benchmark_record():
+    import json
+    from pathlib import Path
+
+    book = Path(__file__).resolve().parents[1] / "book" / "attribution"
+    record = json.loads((book / "trak_ensemble.json").read_text())
+    for part in ("stability", "harm"):
+        shown = pd.read_csv(book / f"trak_ensemble_{part}.csv", dtype=str, keep_default_na=False)
+        expected = attribution.ensemble_quality_table(record, part).astype(str)
+        pd.testing.assert_frame_equal(shown, expected, check_dtype=False)
+    assert [r["variant"] for r in record["rows"]] == ["anchor", "M=1", "M=2", "M=4", "M=8", "M=16"]

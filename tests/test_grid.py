@@ -180,7 +180,8 @@ def _prepared(root: Path):
 
     return write_tiny_run_to_02(root, {"image_size": PX, "width": 4, "batch_size": 32, "seeds": [0, 1],
                                        "epochs_anchor": 1, "epochs_more": 1, "device": "cpu", "min_group_n": 3,
-                                       "trak_checkpoints": [1], "trak_proj_dim": 16, "trak_batch_size": 64,
+                                       "trak_models": 0, "trak_checkpoints": [1], "trak_proj_dim": 16,
+                                       "trak_batch_size": 64,
                                        "d3m_k_grid": [0.05, 0.15], "random_draws": 2, "n_boot": 20,
                                        "findings": [FINDING]}, FINDING, PX)
 

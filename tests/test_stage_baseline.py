@@ -17,7 +17,7 @@ from d3m_lib.stages import baseline
 FINDING = "Cardiomegaly"
 TINY = dict(synthetic_n_patients=150, synthetic_image_size=24, image_size=16, width=4, batch_size=32,
             seeds=[0, 1], epochs_anchor=2, epochs_more=1, findings=[FINDING], min_group_n=5, n_boot=20,
-            cohort_min_group_n=5, trak_checkpoints=[1, 2], trak_proj_dim=16, trak_batch_size=64,
+            cohort_min_group_n=5, trak_models=0, trak_checkpoints=[1, 2], trak_proj_dim=16, trak_batch_size=64,
             device="cpu")
 
 

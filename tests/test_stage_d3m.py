@@ -20,6 +20,7 @@ def _tiny_run(root, **over):
 
     run, cfg = write_tiny_run_to_02(root, {"image_size": PX, "width": 4, "batch_size": 32, "seeds": [0],
                                            "epochs_anchor": 1, "epochs_more": 2, "device": "cpu", "min_group_n": 3,
+                                           "trak_models": 0,
                                            "trak_checkpoints": [1], "trak_proj_dim": 16, "d3m_k_grid": [0.05, 0.15],
                                            "findings": [FINDING], **over}, FINDING, PX)
     cohort = run.cohort()
