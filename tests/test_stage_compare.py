@@ -185,3 +185,28 @@ def test_alternatives_sentence_claims_nothing_with_one_seed():
                       "vs_erm_hi": [np.nan, 0.3], "vs_erm_p_holm": [np.nan, 0.001]})
     assert "no difference" in conclusions.alternatives_sentence(t, n_seeds=1)
     assert "D3M above by 0.200 [0.100, 0.300]" in conclusions.alternatives_sentence(t, n_seeds=3)
+
+
+def test_underdiagnosis_shows_the_published_mimic_rates_only_on_real_mimic():
+    from d3m_lib.analysis import MethodComparison
+
+    rng = np.random.default_rng(0)
+    n = 400
+    groups = np.where(rng.random(n) < 0.5, "White", "Black or African American")
+    rows = []
+    y = rng.integers(0, 2, n)
+    for m in ("erm", "d3m"):
+        for s in (0, 1):
+            rows.append(pd.DataFrame({"finding": "No Finding", "method": m, "seed": s, "draw": 0, "split": "test",
+                                      "row": np.arange(n), "group": groups, "y": y, "logit": 0.0, "prob": 0.5,
+                                      "threshold": 0.5, "pred": rng.integers(0, 2, n),
+                                      "subject_id": np.arange(n).astype(str)}))
+    mc = MethodComparison(pd.concat(rows, ignore_index=True), n_boot=20)
+
+    class R:
+        underdiagnosis = mc.underdiagnosis()
+    real = compare.underdiagnosis_display(R, real_mimic=True).set_index("group")
+    assert real.loc["White", "Seyyed-Kalantari et al. 2021 (MIMIC-CXR)"] == "0.170"
+    assert real.loc["Black or African American", "Seyyed-Kalantari et al. 2021 (MIMIC-CXR)"] == "0.276"
+    assert {"ERM", "D3M"} <= set(real.columns)
+    assert "Seyyed-Kalantari et al. 2021 (MIMIC-CXR)" not in compare.underdiagnosis_display(R, real_mimic=False)

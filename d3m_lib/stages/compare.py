@@ -31,6 +31,7 @@ from .. import analysis, conclusions, metrics, power
 from .. import methods as _methods
 from ..analysis import OVERALL, MethodComparison
 from ..book import group_noun
+from ..constants import SEYYED_KALANTARI_MIMIC_NO_FINDING_FPR
 
 BASELINE = "erm"    # every change is against continued ERM
 STUDY_ARM = "d3m"   # the arm the study is about (the headline sentences)
@@ -272,6 +273,19 @@ def alternatives_display(res: Result, part: str = "levels", finding: str | None 
             out[f"Δ worst-group accuracy vs {_methods.label(ref)}"] = [vs(r, ref) for r in t.itertuples()]
             out[f"Holm p vs {_methods.label(ref)}"] = [
                 "–" if r.method == ref else f"{getattr(r, f'vs_{ref}_p_holm'):.3f}" for r in t.itertuples()]
+    return out
+
+
+def underdiagnosis_display(res: Result, real_mimic: bool) -> pd.DataFrame | None:
+    """The false positive rate of "No Finding" per group and arm (``est [lo, hi]``); on real MIMIC, with
+    Seyyed-Kalantari et al.'s published MIMIC-CXR rates beside ours. None when "No Finding" is not a task."""
+    if res.underdiagnosis is None:
+        return None
+    out = analysis.wide_per_group(res.underdiagnosis)
+    out = out.rename(columns={m: _methods.label(m) for m in out.columns if m in _methods.REGISTRY})
+    if real_mimic:
+        ref = SEYYED_KALANTARI_MIMIC_NO_FINDING_FPR
+        out["Seyyed-Kalantari et al. 2021 (MIMIC-CXR)"] = [f"{ref[g]:.3f}" if g in ref else "–" for g in out["group"]]
     return out
 
 
