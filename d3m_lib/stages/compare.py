@@ -270,8 +270,8 @@ def alternatives_display(res: Result, part: str = "levels", finding: str | None 
     out = pd.DataFrame({"arm": arm})
     for ref in (BASELINE, STUDY_ARM):
         if f"vs_{ref}" in t.columns:
-            out[f"Δ worst-group accuracy vs {_methods.label(ref)}"] = [vs(r, ref) for r in t.itertuples()]
-            out[f"Holm p vs {_methods.label(ref)}"] = [
+            out[f"Δ vs {_methods.label(ref)}"] = [vs(r, ref) for r in t.itertuples()]
+            out[f"Holm p ({_methods.label(ref)})"] = [
                 "–" if r.method == ref else f"{getattr(r, f'vs_{ref}_p_holm'):.3f}" for r in t.itertuples()]
     return out
 
