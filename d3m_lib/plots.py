@@ -45,7 +45,8 @@ def forest_plot(forest: pd.DataFrame, title: str = "", xlabel: str = "change in 
     if OVERALL in set(forest["group"]):
         groups.append(OVERALL)
     colors = method_colors(methods)
-    fig, ax = plt.subplots(figsize=(7, 0.55 * len(groups) + 1.4))
+    many = len(methods) > 6   # many arms: taller rows and the legend beside the axes
+    fig, ax = plt.subplots(figsize=(7, (0.12 * len(methods) if many else 0.55) * len(groups) + 1.4))
     step = 0.7 / max(len(methods), 1)
     for j, m in enumerate(methods):
         d = forest[forest["method"] == m].set_index("group").reindex(groups)
@@ -61,7 +62,10 @@ def forest_plot(forest: pd.DataFrame, title: str = "", xlabel: str = "change in 
         ax.axvline(ref, color="0.4", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
     ax.set_title(title)
-    ax.legend(loc="best", fontsize=8, frameon=False)
+    if many:
+        ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(loc="best", fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
