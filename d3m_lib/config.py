@@ -287,7 +287,7 @@ PARAMS: tuple[Param, ...] = (
       (S05,), choices=("validated_k", "negative", "k_lowest")),
     P("d3m_k", None, "images to drop when d3m_selection is k_lowest", (S05,), type="int", nullable=True,
       check=_range(1)),
-    P("d3m_k_grid", [0.02, 0.05, 0.1, 0.2], "removal curve: shares of the training images removed (k = share x "
+    P("d3m_k_grid", [0.05, 0.1, 0.2], "removal curve: shares of the training images removed (k = share x "
       "n_train); each point retrains D3M and Auto-D3M on every seed (in a batch order of their own); validated_k "
       "takes the k with the highest validation worst-group accuracy averaged over all seeds (ties: the smaller k)",
       (S05,), type="float_list", check=_fractions),
