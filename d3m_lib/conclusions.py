@@ -339,3 +339,24 @@ def targeting_sentence(weighting: pd.DataFrame, group_losses: pd.DataFrame, weig
             f"{worst['weight'].mean():.2f} under {setting} (equal weights: {1 / n_groups:.2f}), and "
             f"{changed:.0%} of the images equal weighting would remove are not removed (mean over seeds; "
             f"below {TARGETING_CHANGED:.0%} we read it as no targeting): the weighting {verdict}.")
+
+
+def group_choice_sentence(weighting: pd.DataFrame, run_groups: str, weighting_kind: str, beta: float) -> str:
+    """Which of D3M's group choices (race, race x label) puts the planted images among its k lowest more often,
+    at the run's weighting (one finding, every seed; stage 05's weighting rows with precision and recall)."""
+    if "precision" not in weighting.columns or weighting["precision"].isna().all():
+        return "Without planted ground truth the two group choices cannot be compared on what they remove."
+    rows = weighting[weighting["weighting"] == weighting_kind]
+    if weighting_kind == "softmax":
+        rows = rows[rows["beta"] == beta]
+    m = rows.groupby("groups")[["precision", "recall"]].mean()
+    if len(m) < 2:
+        return "Only one group choice was scored."
+    names = {"race": "race groups", "race_x_label": "race × label groups"}
+    best = str(m["precision"].idxmax())
+    other = next(g for g in m.index if g != best)
+    return (f"At D3M's k, {names[best]} put planted images among the removed at precision "
+            f"{m.loc[best, 'precision']:.3f} (recall {m.loc[best, 'recall']:.3f}), {names[other]} at "
+            f"{m.loc[other, 'precision']:.3f} ({m.loc[other, 'recall']:.3f}), mean over seeds: {names[best]} "
+            + ("target the planted harm better and are this run's choice (d3m_groups)." if best == run_groups else
+               f"target the planted harm better, but this run weighs {names[run_groups]} (d3m_groups)."))

@@ -818,8 +818,10 @@ class GroupMetrics:
                    gain_hi=gain["hi"], n_seeds=len(seeds), reason="")
         sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # a gain lowers FPR/FNR
         if not (np.isfinite(gain["lo"]) and sign * gain["lo"] > 0 and sign * gain["hi"] > 0):
-            out["reason"] = (f"the {ceiling} gain over {baseline} has an interval that includes 0 or points the "
-                             "wrong way: no gain to recover")
+            from .methods import label   # the models' table names (erm -> ERM); unregistered names stay
+
+            out["reason"] = (f"the {label(ceiling)} gain over {label(baseline)} has an interval that includes 0 "
+                             "or points the wrong way: no gain to recover")
             return out
         with np.errstate(invalid="ignore", divide="ignore"):
             out["share"] = float(num[0] / den[0])

@@ -142,7 +142,8 @@ def headline_plot(change: pd.DataFrame, title: str = "", xlabel: str = "change i
                     capsize=3, ms=5, zorder=2)
     if seeds is not None and len(seeds):
         ax.legend(loc="lower right", fontsize=8, frameon=False)
-    ax.set_yticks(y, [f"{f}: {m}" if len(findings) > 1 else m for f, m in rows])
+    names = [_methods.label(m) for _, m in rows]
+    ax.set_yticks(y, [f"{f}: {n}" if len(findings) > 1 else n for (f, _), n in zip(rows, names)])
     ax.axvline(0, color="0.4", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
     if title:

@@ -105,3 +105,15 @@ def test_targeting_sentence_reads_the_equal_weight_row():
     assert "(A, 2 of 2 seeds) gets weight 0.62" in s and "equal weights: 0.50" in s
     assert "10% of the images" in s and "barely targets" in s
     assert "moves the selection" in conclusions.targeting_sentence(w.assign(changed=[0.4, 0.0]), gl, "softmax", 1.0)
+
+
+def test_group_choice_sentence_names_the_choice_with_the_higher_precision():
+    from d3m_lib import conclusions
+
+    w = pd.DataFrame({"groups": ["race", "race_x_label"] * 2, "weighting": "softmax", "beta": 1.0,
+                      "precision": [0.2, 0.1, 0.3, 0.1], "recall": [0.3, 0.2, 0.4, 0.2]})
+    s = conclusions.group_choice_sentence(w, "race", "softmax", 1.0)
+    assert "race groups put planted images among the removed at precision 0.250 (recall 0.350)" in s
+    assert "race × label groups at 0.100 (0.200)" in s and "are this run's choice" in s
+    assert "but this run weighs race × label groups" in conclusions.group_choice_sentence(
+        w, "race_x_label", "softmax", 1.0)

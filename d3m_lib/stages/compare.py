@@ -122,6 +122,12 @@ def recovery_display(recovery: pd.DataFrame) -> pd.DataFrame:
     """Display table of the recovery rows: arm, share of the oracle's gain [interval], the oracle's gain."""
     if recovery.empty:
         return pd.DataFrame({"note": ["no oracle arm in this run: no share of its gain"]})
+    if not np.isfinite(recovery["share"].to_numpy(float)).any() and recovery["finding"].nunique() == 1:
+        r = recovery.iloc[0]   # no arm has a share: one row says why, not one per arm
+        return pd.DataFrame({"finding": [r["finding"]], "arm": ["every arm"],
+                             "share of the oracle's gain": [f"not stated ({r['reason'] or 'no reliable gain'})"],
+                             "oracle − ERM (worst-group accuracy)": [
+                                 conclusions.interval_text(r["gain"], r["gain_lo"], r["gain_hi"], signed=True)]})
 
     def share(r):
         if not math.isfinite(r.share):
