@@ -368,8 +368,8 @@ def seed_mean_interval(arr, ci_level: float, bounds=(0.0, 1.0), random_state=0) 
     alpha = 1 - ci_level
     q_lo, q_hi = np.quantile(v, [alpha / 2, 1 - alpha / 2])
     p0 = min(1.0, 2 * min((v <= 0).mean(), (v >= 0).mean()))
-    if k == 1.0:
-        lo, hi, p = q_lo, q_hi, p0
+    if k == 1.0:   # the percentile interval, stretched to its point when a skewed statistic (a minimum) left it out
+        lo, hi, p = min(q_lo, point), max(q_hi, point), p0
     else:
         lo, hi = point - k * max(point - q_lo, 0.0), point + k * max(q_hi - point, 0.0)   # always holds the point
         p = float(2 * student_t.sf(abs(point) / np.sqrt(s_b2 / S + s_w2), df))   # the t test of the same mean

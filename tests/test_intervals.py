@@ -210,3 +210,12 @@ def test_power_known_answer():
     plan = p.plan(0.05)
     assert list(plan["test_factor"]) == [1, 2, 4, 8]
     assert "minimum detectable effect" in p.text(0.05)
+
+
+def test_one_seed_interval_holds_its_point_even_for_a_downward_biased_statistic():
+    from d3m_lib import metrics
+
+    rng = np.random.default_rng(0)
+    arr = np.concatenate([[0.6], 0.45 + 0.04 * rng.standard_normal(2000)])[None, :]   # replicates all below
+    ci = metrics.seed_mean_interval(arr, 0.95)
+    assert ci["k"] == 1.0 and ci["lo"] < 0.5 and ci["hi"] == pytest.approx(0.6)
