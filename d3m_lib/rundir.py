@@ -45,7 +45,7 @@ from . import config as cfgmod
 from .config import Config, ConfigError
 
 MANIFEST = "manifest.json"
-RUN_DEPENDENT = ("seconds", "featurize_s", "total_s", "resumed")   # columns no artifact keeps
+RUN_DEPENDENT = ("seconds", "featurize_s", "ensemble_train_s", "total_s", "resumed")   # columns no artifact keeps
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 LOCK_ENV = "D3M_RUN_LOCK"      # set by the runner for the kernels it starts: they share its lock
