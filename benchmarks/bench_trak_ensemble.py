@@ -103,10 +103,7 @@ def main(argv=None) -> int:
             tasks.append(grid.Task(f"{e}/{m}", "d3m_lib.stages.trak:ensemble_model",
                                    dict(cfg=tcfg, images=images, rows=tr_rows[mask], y=tr_y[mask], epochs=last,
                                         out_dir=out)))
-    va_rows, va_y, _ = training.task_rows(cohort, finding, "validate")
-    pick = np.random.default_rng(cfg.trak_seed + 1).choice(len(va_rows), min(a.lds_targets, len(va_rows)),
-                                                           replace=False)
-    targets, y_t = va_rows[pick], va_y[pick]
+    targets, y_t = trak_stage.lds_targets(cfg, cohort, finding, a.lds_targets)
     lds_masks = attribution.lds_subsets(n, a.lds_models, a.fraction, cfg.trak_seed)
     tcfg0 = training.TrainConfig.from_params(cfg.values, seed=0, device=dev)
     for j, mask in enumerate(lds_masks):

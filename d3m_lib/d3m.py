@@ -26,6 +26,12 @@ RULES = ("negative", "k_lowest")
 SELECTIONS = ("validated_k",) + RULES   # validated_k: k_lowest with k chosen on validation (stage 05)
 
 
+def image_losses(y, logits) -> np.ndarray:
+    """Binary cross-entropy of each image's logit against its 0/1 label (numerically stable)."""
+    margin = (2 * np.asarray(y, dtype=np.float64) - 1) * np.asarray(logits, dtype=np.float64)
+    return np.logaddexp(0.0, -margin)
+
+
 def group_losses(y, logits, groups) -> pd.Series:
     """Mean binary cross-entropy of a model's logits per group (index = group, sorted)."""
     y = np.asarray(y, dtype=np.float64)
@@ -36,9 +42,7 @@ def group_losses(y, logits, groups) -> pd.Series:
                          f"groups {len(groups)})")
     if np.isnan(y).any() or not np.isin(y, (0.0, 1.0)).all():
         raise ValueError("group_losses: y must be 0/1 without NaN")
-    margin = (2 * y - 1) * logits
-    loss = np.logaddexp(0.0, -margin)  # BCE with logits, numerically stable
-    return pd.Series(loss).groupby(groups).mean().sort_index().rename("loss")
+    return pd.Series(image_losses(y, logits)).groupby(groups).mean().sort_index().rename("loss")
 
 
 GROUPINGS = ("race", "race_x_label")

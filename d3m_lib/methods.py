@@ -181,9 +181,10 @@ def _loss_filter(ctx: SelectionContext) -> np.ndarray:
     _need(ctx, "loss_filter", "train_y", "anchor_train_logit")
     if "d3m" not in ctx.n_removed:
         raise ValueError("method 'loss_filter' removes as many images as 'd3m'; select 'd3m' first")
-    z, y = np.asarray(ctx.anchor_train_logit, float), np.asarray(ctx.train_y, float)
-    loss = np.logaddexp(0, z) - y * z   # binary cross-entropy with logits
-    kept = np.ones(len(z), bool)
+    from .d3m import image_losses
+
+    loss = image_losses(ctx.train_y, ctx.anchor_train_logit)
+    kept = np.ones(len(loss), bool)
     kept[np.argsort(-loss, kind="stable")[: ctx.n_removed["d3m"]]] = False
     return kept
 

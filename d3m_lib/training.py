@@ -536,6 +536,14 @@ def continue_training(cfg: TrainConfig, images: np.ndarray, rows, y, anchor_chec
     return hist
 
 
+def keep_checkpoints(out_dir: str | Path, epochs) -> None:
+    """Delete every ``epoch_*.pt`` in ``out_dir`` but those of ``epochs``."""
+    keep = {f"epoch_{int(e):02d}.pt" for e in epochs}
+    for f in Path(out_dir).glob("epoch_*.pt"):
+        if f.name not in keep:
+            f.unlink()
+
+
 def retrain(cfg: TrainConfig, images: np.ndarray, rows, y, anchor, out_dir: str | Path, va, te,
             steps: int, weights=None, dro_groups=None, dro_eta: float = 0.0) -> None:
     """One retrained arm (a grid task of stage 05): :func:`continue_training` from ``anchor`` on ``rows``.
@@ -549,11 +557,8 @@ def retrain(cfg: TrainConfig, images: np.ndarray, rows, y, anchor, out_dir: str 
     out = Path(out_dir)
     continue_training(cfg, images, rows, y, anchor, out, val=None, progress=False, steps=steps, weights=weights,
                       dro_groups=dro_groups, dro_eta=dro_eta)
-    final = out / f"epoch_{cfg.total_epochs:02d}.pt"
-    for f in out.glob("epoch_*.pt"):
-        if f != final:
-            f.unlink()  # the final model only
-    model = load_model(cfg, final)
+    keep_checkpoints(out, [cfg.total_epochs])  # the final model only
+    model = load_model(cfg, out / f"epoch_{cfg.total_epochs:02d}.pt")
     for split, (r, yy, groups) in (("validate", va), ("test", te)):
         predictions_frame(r, split, groups, yy, predict(model, cfg, images, r)).to_parquet(
             out / f"preds_{split}.parquet")

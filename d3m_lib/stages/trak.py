@@ -160,12 +160,8 @@ def lds_subset_model(cfg: training.TrainConfig, images, rows, y, targets, out_di
 def ensemble_model(cfg: training.TrainConfig, images, rows, y, epochs, out_dir) -> None:
     """One subset model of a TRAK ensemble (a grid task): the anchor's recipe on ``rows``; keeps the
     ``epochs`` checkpoints TRAK featurizes."""
-    out = Path(out_dir)
-    training.train(cfg, images, rows, y, (0, int(cfg.epochs_anchor)), out, progress=False)
-    keep = {out / f"epoch_{int(e):02d}.pt" for e in epochs}
-    for f in out.glob("epoch_*.pt"):
-        if f not in keep:
-            f.unlink()
+    training.train(cfg, images, rows, y, (0, int(cfg.epochs_anchor)), out_dir, progress=False)
+    training.keep_checkpoints(out_dir, epochs)
 
 
 def train_ensembles(stage: Stage, cohort: pd.DataFrame, images, jobs, progress: bool = False) -> dict:
@@ -178,7 +174,7 @@ def train_ensembles(stage: Stage, cohort: pd.DataFrame, images, jobs, progress: 
     """
     cfg = stage.cfg
     dev = str(training.resolve_device(cfg.device))
-    tasks, dirs = [], {}
+    tasks, dirs, owner = [], {}, []
     for finding, seed in jobs:
         tr_rows, tr_y, _ = training.task_rows(cohort, finding, "train")
         masks = attribution.ensemble_subsets(len(tr_rows), cfg.trak_models, cfg.trak_subset_fraction,
@@ -195,13 +191,31 @@ def train_ensembles(stage: Stage, cohort: pd.DataFrame, images, jobs, progress: 
                            "epochs": list(cfg.trak_checkpoints)},
                 files=tuple(out / f"epoch_{int(e):02d}.pt" for e in cfg.trak_checkpoints)))
             dirs.setdefault((finding, seed), []).append(out)
+            owner.append((finding, seed))
     with grid.Grid(stage, "04 TRAK ensemble models", progress=progress) as g:
         res = g.run(tasks)
     seconds = {}
-    for t, r in zip(tasks, res):
-        f, s = t.key.split("/")[1], int(t.key.split("/")[2][4:])
-        seconds[(f, s)] = seconds.get((f, s), 0.0) + r.seconds
+    for key, r in zip(owner, res):
+        seconds[key] = seconds.get(key, 0.0) + r.seconds
     return {"dirs": dirs, "seconds": seconds}
+
+
+def lds_targets(cfg, cohort: pd.DataFrame, finding: str, n_targets: int) -> tuple[np.ndarray, np.ndarray]:
+    """LDS's targets: ``n_targets`` validation images of ``finding`` (all if fewer), drawn with ``trak_seed + 1``;
+    their rows and labels."""
+    val_rows, val_y, _ = training.task_rows(cohort, finding, "validate")
+    pick = np.random.default_rng(cfg.trak_seed + 1).choice(len(val_rows), size=min(n_targets, len(val_rows)),
+                                                           replace=False)
+    return val_rows[pick], val_y[pick]
+
+
+def _lds_record(stage: Stage, res: dict, finding: str, seed: int, targets, subset_fraction: float, **extra) -> dict:
+    """:func:`attribution.lds`'s dict made JSON-ready with what it measured, written to ``lds.json``."""
+    res = {**res, "per_target": [float(v) for v in res["per_target"]], "finding": finding, "seed": int(seed),
+           "targets": [int(t) for t in targets], "subset_fraction": float(subset_fraction),
+           "ci_level": float(stage.cfg.ci_level), **extra}
+    stage.path("lds.json").write_text(json.dumps(res, indent=2))
+    return res
 
 
 def linear_datamodeling(stage: Stage, scorer, cohort: pd.DataFrame, images, finding: str, seed: int, *,
@@ -217,10 +231,7 @@ def linear_datamodeling(stage: Stage, scorer, cohort: pd.DataFrame, images, find
     as a list), with the finding, seed and targets; also written to ``lds.json``.
     """
     cfg = stage.cfg
-    val_rows, val_y, _ = training.task_rows(cohort, finding, "validate")
-    pick = np.random.default_rng(cfg.trak_seed + 1).choice(len(val_rows), size=min(n_targets, len(val_rows)),
-                                                           replace=False)
-    targets, y_t = val_rows[pick], val_y[pick]
+    targets, y_t = lds_targets(cfg, cohort, finding, n_targets)
     s = scorer.scores(targets, exp_name="lds")
     tr_rows, tr_y, _ = training.task_rows(cohort, finding, "train")
     if not np.array_equal(tr_rows, scorer.train_rows):
@@ -244,11 +255,7 @@ def linear_datamodeling(stage: Stage, scorer, cohort: pd.DataFrame, images, find
 
     res = attribution.lds(s, margins, n_models=n_models, subset_fraction=subset_fraction, seed=cfg.trak_seed,
                           n_boot=cfg.n_boot_descriptive, ci_level=cfg.ci_level)
-    res = {**res, "per_target": [float(v) for v in res["per_target"]], "finding": finding, "seed": int(seed),
-           "targets": [int(t) for t in targets], "subset_fraction": float(subset_fraction),
-           "ci_level": float(cfg.ci_level)}
-    stage.path("lds.json").write_text(json.dumps(res, indent=2))
-    return res
+    return _lds_record(stage, res, finding, seed, targets, subset_fraction)
 
 
 def heldout_lds(stage: Stage, scorer, cohort: pd.DataFrame, images, finding: str, seed: int, ensembles: dict
@@ -261,10 +268,7 @@ def heldout_lds(stage: Stage, scorer, cohort: pd.DataFrame, images, finding: str
     ``trak_seed + 1``, as :func:`linear_datamodeling`). Written to ``lds.json``.
     """
     cfg = stage.cfg
-    val_rows, val_y, _ = training.task_rows(cohort, finding, "validate")
-    pick = np.random.default_rng(cfg.trak_seed + 1).choice(len(val_rows), size=min(cfg.trak_lds_targets,
-                                                                                    len(val_rows)), replace=False)
-    targets, y_t = val_rows[pick], val_y[pick]
+    targets, y_t = lds_targets(cfg, cohort, finding, cfg.trak_lds_targets)
     n = len(scorer.train_rows)
     last = int(max(cfg.trak_checkpoints))
     masks, actual = [], []
@@ -279,11 +283,8 @@ def heldout_lds(stage: Stage, scorer, cohort: pd.DataFrame, images, finding: str
             actual.append((2 * y_t - 1) * training.predict(d / f"epoch_{last:02d}.pt", tcfg, images, targets))
     res = attribution.lds_from_models(scorer.scores(targets, exp_name="lds"), np.array(masks), np.array(actual),
                                       n_boot=cfg.n_boot_descriptive, ci_level=cfg.ci_level, seed=cfg.trak_seed)
-    res = {**res, "per_target": [float(v) for v in res["per_target"]], "finding": finding, "seed": int(seed),
-           "targets": [int(t) for t in targets], "subset_fraction": float(cfg.trak_subset_fraction),
-           "ci_level": float(cfg.ci_level), "models_from": "other seeds' ensemble models"}
-    stage.path("lds.json").write_text(json.dumps(res, indent=2))
-    return res
+    return _lds_record(stage, res, finding, seed, targets, cfg.trak_subset_fraction,
+                       models_from="other seeds' ensemble models")
 
 
 def run(stage: Stage, progress: bool = False) -> Result:
